@@ -1,0 +1,375 @@
+"""MXNet RecordIO (`.rec` + `.idx`) reading and writing in pure Python, as used by insightface.
+
+Framing (dmlc-core): uint32 magic, uint32 lrec (cflag = lrec >> 29, length = lrec & (2**29 - 1)),
+payload, zero padding to 4 bytes. A payload holding the magic at a 4-aligned offset is split there
+into parts with cflag 1 (first), 2 (middle), 3 (last); the reader rejoins them with the magic.
+Payloads start with an IRHeader ('<IfQQ': flag, label, id, id2); `flag` > 0 means `flag` float32
+labels follow. The `.idx` holds "key\\toffset" lines, in any order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from typing import BinaryIO, Iterator, NamedTuple, Sequence, Union
+
+import numpy as np
+from etils import epath
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_HEAD = struct.Struct("<II")
+_IR_HEADER = struct.Struct("<IfQQ")
+_LENGTH_MASK = (1 << 29) - 1
+_MAX_LENGTH = 1 << 29
+
+PathLike = Union[str, os.PathLike]
+
+
+class RecordIOError(ValueError):
+    """Malformed RecordIO data; the message names the file, the key or offset and the problem."""
+
+
+class IRHeader(NamedTuple):
+    """The image-record header insightface and MXNet put before every payload."""
+
+    flag: int
+    label: float
+    id: int
+    id2: int
+
+
+def _pad4(length: int) -> int:
+    return (length + 3) & ~3
+
+
+def pack_record(
+    label: float | Sequence[float] | np.ndarray, image_bytes: bytes, id: int = 0, id2: int = 0
+) -> bytes:
+    """Return an IRHeader-prefixed payload: a scalar label gives flag 0, a vector flag = its length."""
+    values = np.asarray(label, dtype=np.float32)
+    if values.ndim == 0:
+        return _IR_HEADER.pack(0, float(values), id, id2) + bytes(image_bytes)
+    values = values.reshape(-1)
+    if values.size == 0:
+        raise ValueError("pack_record: a vector label needs at least one value")
+    return _IR_HEADER.pack(values.size, 0.0, id, id2) + values.tobytes() + bytes(image_bytes)
+
+
+def unpack_header(payload: bytes, where: str = "payload") -> tuple[IRHeader, np.ndarray, int]:
+    """Parse a payload's IRHeader: (header, float32 label vector, offset of the data after it)."""
+    if len(payload) < _IR_HEADER.size:
+        raise RecordIOError(f"{where}: {len(payload)} bytes, too short for the 24-byte IRHeader")
+    header = IRHeader(*_IR_HEADER.unpack_from(payload, 0))
+    if header.flag == 0:
+        return header, np.array([header.label], dtype=np.float32), _IR_HEADER.size
+    end = _IR_HEADER.size + 4 * header.flag
+    if end > len(payload):
+        raise RecordIOError(
+            f"{where}: IRHeader flag {header.flag} announces {header.flag} labels but the payload "
+            f"has only {len(payload)} bytes"
+        )
+    labels = np.frombuffer(payload, dtype=np.float32, count=header.flag, offset=_IR_HEADER.size)
+    return header, labels.copy(), end
+
+
+def unpack_record(payload: bytes, where: str = "payload") -> tuple[np.ndarray, bytes]:
+    """Split a payload into (float32 1-d label, image bytes)."""
+    _, label, start = unpack_header(payload, where)
+    return label, payload[start:]
+
+
+def _open(path_or_file: PathLike | BinaryIO, mode: str) -> tuple[BinaryIO, str, bool]:
+    """Return (file object, display name, whether we own it) for a path or an open binary file."""
+    if hasattr(path_or_file, "read") or hasattr(path_or_file, "write"):
+        return path_or_file, str(getattr(path_or_file, "name", repr(path_or_file))), False
+    path = epath.Path(path_or_file)
+    return path.open(mode), os.fspath(path), True
+
+
+def _default_idx_path(rec_path: PathLike) -> epath.Path:
+    path = epath.Path(rec_path)
+    return path.with_suffix(".idx")
+
+
+def read_index(idx_path: PathLike | BinaryIO) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a `.idx` file into (keys, offsets) int64 arrays sorted by key."""
+    f, name, own = _open(idx_path, "rb")
+    try:
+        text = f.read()
+    finally:
+        if own:
+            f.close()
+    if isinstance(text, str):
+        text = text.encode()
+    try:
+        pairs = np.loadtxt(io.BytesIO(text), dtype=np.int64, ndmin=2, comments=None)
+        if pairs.size and pairs.shape[1] != 2:
+            raise ValueError
+    except ValueError:
+        _raise_index_error(text, name)
+    pairs = pairs.reshape(-1, 2)
+    order = np.argsort(pairs[:, 0], kind="stable")
+    keys, offsets = pairs[order, 0], pairs[order, 1]
+    if keys.size > 1:
+        dup = np.nonzero(keys[1:] == keys[:-1])[0]
+        if dup.size:
+            raise RecordIOError(f"{name}: key {int(keys[dup[0]])} appears more than once")
+    if offsets.size and offsets.min() < 0:
+        bad = int(np.argmin(offsets))
+        raise RecordIOError(f"{name}: key {int(keys[bad])} has negative offset {int(offsets[bad])}")
+    return keys, offsets
+
+
+def _raise_index_error(text: bytes, name: str) -> None:
+    """Find the first malformed `.idx` line and raise an error naming it."""
+    for i, line in enumerate(text.split(b"\n")):
+        fields = line.split()
+        if not fields and i == text.count(b"\n"):
+            continue
+        if len(fields) != 2 or not all(f.lstrip(b"-").isdigit() for f in fields):
+            raise RecordIOError(f"{name}: line {i + 1} is {line[:60]!r}, expected 'key<TAB>offset'")
+    raise RecordIOError(f"{name}: not a valid index ('key<TAB>offset' lines)")
+
+
+class RecordReader:
+    """Random access to a `.rec` file by key through its `.idx` (MXNet's MXIndexedRecordIO layout)."""
+
+    def __init__(
+        self,
+        rec_path: PathLike | BinaryIO,
+        idx_path: PathLike | BinaryIO | None = None,
+    ) -> None:
+        if idx_path is None:
+            if hasattr(rec_path, "read"):
+                raise ValueError("RecordReader: give idx_path when rec_path is an open file")
+            idx_path = _default_idx_path(rec_path)
+            if not idx_path.exists():
+                raise FileNotFoundError(f"{idx_path}: index file missing (needed to read {rec_path})")
+        self._keys, self._offsets = read_index(idx_path)
+        self._file, self.name, self._own = _open(rec_path, "rb")
+        self._file.seek(0, io.SEEK_END)
+        self.size = self._file.tell()
+        self._file.seek(0)
+        if self._offsets.size and self._offsets.max() >= self.size:
+            bad = int(np.argmax(self._offsets))
+            raise RecordIOError(
+                f"{self.name}: index entry for key {int(self._keys[bad])} points to offset "
+                f"{int(self._offsets[bad])}, past the end of the file ({self.size} bytes)"
+            )
+        self._keys.flags.writeable = False
+        self._contiguous = bool(
+            self._keys.size and self._keys[0] == 0 and self._keys[-1] == self._keys.size - 1
+        )
+
+    @property
+    def keys(self) -> np.ndarray:
+        """All keys of the index, ascending (read-only int64 array)."""
+        return self._keys
+
+    def __len__(self) -> int:
+        return int(self._keys.size)
+
+    def __contains__(self, key: int) -> bool:
+        return self._position(key) is not None
+
+    def _position(self, key: int) -> int | None:
+        if self._contiguous:
+            return key if 0 <= key < self._keys.size else None
+        i = int(np.searchsorted(self._keys, key))
+        return i if i < self._keys.size and self._keys[i] == key else None
+
+    def offset(self, key: int) -> int:
+        """File offset of the record with this key."""
+        i = self._position(key)
+        if i is None:
+            raise KeyError(f"{self.name}: key {key} is not in the index")
+        return int(self._offsets[i])
+
+    def read(self, key: int) -> bytes:
+        """Return the payload of the record with this key (multi-part records rejoined)."""
+        return self.read_at(self.offset(key), key)
+
+    def read_at(self, offset: int, key: int | None = None) -> bytes:
+        """Return the payload of the record starting at this file offset."""
+        f = self._file
+        f.seek(offset)
+        where = f"{self.name}: record key {key} at offset {offset}" if key is not None else (
+            f"{self.name}: record at offset {offset}"
+        )
+        parts = []
+        pos = offset
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                raise RecordIOError(
+                    f"{where}: truncated, file ends at {self.size} bytes inside the record header "
+                    f"at offset {pos}"
+                )
+            magic, lrec = _HEAD.unpack_from(head)
+            if magic != MAGIC:
+                raise RecordIOError(
+                    f"{where}: bad magic 0x{magic:08x} at offset {pos} (expected 0x{MAGIC:08x})"
+                )
+            cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+            data = f.read(length)
+            if len(data) < length:
+                raise RecordIOError(
+                    f"{where}: truncated, record part at offset {pos} needs {length} bytes but the "
+                    f"file ends at {self.size} bytes"
+                )
+            if not parts:
+                if cflag == 0:
+                    return data
+                if cflag != 1:
+                    raise RecordIOError(
+                        f"{where}: starts with cflag {cflag}; expected 0 (whole record) or 1 (first part)"
+                    )
+            elif cflag not in (2, 3):
+                raise RecordIOError(
+                    f"{where}: part at offset {pos} has cflag {cflag} inside a multi-part record"
+                )
+            parts.append(data)
+            if cflag == 3:
+                return _MAGIC_BYTES.join(parts)
+            pos += 8 + _pad4(length)
+            if length != _pad4(length):
+                f.seek(pos)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        """Yield (key, payload) for every record, in file order (sequential reads)."""
+        for i in np.argsort(self._offsets, kind="stable"):
+            yield int(self._keys[i]), self.read_at(int(self._offsets[i]), int(self._keys[i]))
+
+    def close(self) -> None:
+        """Close the `.rec` file if this reader opened it."""
+        if self._own:
+            self._file.close()
+
+    def __enter__(self) -> "RecordReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RecordWriter:
+    """Write `.rec` + `.idx` exactly as MXNet's MXIndexedRecordIO (dmlc-core framing) does."""
+
+    def __init__(self, rec_path: PathLike, idx_path: PathLike | None = None) -> None:
+        self.rec_path = epath.Path(rec_path)
+        self.idx_path = epath.Path(idx_path) if idx_path is not None else _default_idx_path(rec_path)
+        self._rec = self.rec_path.open("wb")
+        self._idx = self.idx_path.open("w")
+        self._keys: set[int] = set()
+        self._pos = 0
+
+    def write(self, key: int, payload: bytes) -> None:
+        """Append one record under `key` and index it."""
+        key = int(key)
+        if key in self._keys:
+            raise ValueError(f"{self.rec_path}: key {key} written twice")
+        size = len(payload)
+        if size >= _MAX_LENGTH:
+            raise ValueError(f"{self.rec_path}: key {key}: record of {size} bytes, limit is 2**29 - 1")
+        self._keys.add(key)
+        self._idx.write(f"{key}\t{self._pos}\n")
+        view = memoryview(payload)
+        chunks = []
+        start = 0
+        i = payload.find(_MAGIC_BYTES)
+        while 0 <= i <= size - 4:
+            if i % 4 == 0:
+                chunks.append((1 if start == 0 else 2, view[start:i]))
+                start = i + 4
+                i = payload.find(_MAGIC_BYTES, start)
+            else:
+                i = payload.find(_MAGIC_BYTES, i + 1)
+        chunks.append((3 if start else 0, view[start:]))
+        for cflag, chunk in chunks:
+            n = len(chunk)
+            self._rec.write(_HEAD.pack(MAGIC, (cflag << 29) | n))
+            self._rec.write(chunk)
+            pad = _pad4(n) - n
+            if pad:
+                self._rec.write(b"\0" * pad)
+            self._pos += 8 + n + pad
+
+    def close(self) -> None:
+        """Flush and close both files."""
+        self._rec.close()
+        self._idx.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_property(path: PathLike) -> tuple[int, int, int]:
+    """Read insightface's `property` file ("classes,height,width") from a file or its folder."""
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / "property"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: `property` file missing (expected 'classes,height,width')")
+    text = path.read_text().strip()
+    fields = text.split(",")
+    try:
+        if len(fields) != 3:
+            raise ValueError
+        num_classes, height, width = (int(x) for x in fields)
+    except ValueError:
+        raise ValueError(f"{path}: content {text[:60]!r}, expected 'classes,height,width'") from None
+    if num_classes <= 0 or height <= 0 or width <= 0:
+        raise ValueError(f"{path}: content {text!r}: all three numbers must be positive")
+    return num_classes, height, width
+
+
+def write_property(path: PathLike, num_classes: int, height: int, width: int) -> None:
+    """Write insightface's `property` file (to `path`, or to `path/property` if it is a folder)."""
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / "property"
+    path.write_text(f"{int(num_classes)},{int(height)},{int(width)}\n")
+
+
+def image_keys(reader: RecordReader) -> Sequence[int]:
+    """Keys of the image records: 1 .. id_start-1 from header record 0, else every key."""
+    if 0 not in reader:
+        return reader.keys
+    header, label, _ = unpack_header(reader.read(0), f"{reader.name}: record key 0")
+    if header.flag == 0:
+        return reader.keys
+    if label.size < 2:
+        raise RecordIOError(
+            f"{reader.name}: header record key 0 has {label.size} label(s), expected [id_start, id_end]"
+        )
+    id_start = int(label[0])
+    keys = range(1, id_start)
+    missing = [k for k in (keys[0], keys[-1]) if keys and k not in reader]
+    if missing:
+        raise RecordIOError(
+            f"{reader.name}: header record key 0 says images are keys 1..{id_start - 1} but key "
+            f"{missing[0]} is not in the index"
+        )
+    return keys
+
+
+def iter_images(
+    folder: PathLike, rec_name: str = "train"
+) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (key, class_id, image_bytes) for every image record of an insightface folder."""
+    folder = epath.Path(folder)
+    rec_path, idx_path = folder / f"{rec_name}.rec", folder / f"{rec_name}.idx"
+    for path in (rec_path, idx_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing (an insightface folder has train.rec and train.idx)")
+    with RecordReader(rec_path, idx_path) as reader:
+        for key in image_keys(reader):
+            key = int(key)
+            where = f"{reader.name}: record key {key}"
+            label, image = unpack_record(reader.read(key), where)
+            yield key, int(label[0]), image
