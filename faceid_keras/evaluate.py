@@ -1,0 +1,124 @@
+"""`faceid eval MODEL --data_path DIR`: verification accuracy of a saved model on lfw, cfp_fp, ..."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+
+# Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
+# keras.models.load_model needs no custom_objects.
+from faceid_keras import verification
+
+
+def format_table(results: Mapping[str, dict]) -> str:
+    """Aligned text table: one row per target with accuracy +- std, VAL@FAR=1e-3 +- std and AUC."""
+    header = ("target", "pairs", "accuracy", "VAL@FAR=1e-3", "FAR", "AUC")
+    rows = [
+        (
+            name,
+            str(result["pairs"]),
+            f"{result['accuracy']:.5f} +- {result['accuracy_std']:.5f}",
+            f"{result['val']:.5f} +- {result['val_std']:.5f}",
+            f"{result['far']:.6f}",
+            f"{result['auc']:.5f}",
+        )
+        for name, result in results.items()
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = []
+    for row in (header, *rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_roc(results: Mapping[str, dict], path: str) -> None:
+    """Writes the ROC curves (TPR against log-scale FPR, one per target, AUC in the legend) to path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 5))
+    smallest = 1.0
+    for name, result in results.items():
+        fpr, tpr = result["fpr"], result["tpr"]
+        keep = fpr > 0
+        axes.plot(fpr[keep], tpr[keep], label=f"{name} (AUC {result['auc']:.5f})")
+        if keep.any():
+            smallest = min(smallest, float(fpr[keep].min()))
+    axes.set_xscale("log")
+    axes.set_xlim(min(smallest, 1e-3), 1.0)
+    axes.set_ylim(0.0, 1.01)
+    axes.set_xlabel("False positive rate (log scale)")
+    axes.set_ylabel("True positive rate")
+    axes.set_title("Verification ROC")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    """Loads the model and the targets, evaluates them, prints the table, optionally plots the ROC."""
+    import keras
+
+    names = [name for name in args.targets.split(",") if name]
+    targets = verification.load_targets(args.data_path, names)
+    model = keras.models.load_model(args.model)
+    results = {}
+    for name, (images, issame) in targets.items():
+        results[name] = verification.verify(model, images, issame, args.batch_size)
+    print(format_table(results))
+    if args.roc_plot:
+        plot_roc(results, args.roc_plot)
+        print(f"ROC curves written to {args.roc_plot}")
+    return results
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", help="saved model (.keras) whose output is the face embedding")
+    parser.add_argument(
+        "--data_path",
+        required=True,
+        help="tfds data directory holding ms1m_arcface/verification, or an insightface folder "
+        "with <target>.bin packs",
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(verification.DEFAULT_TARGETS),
+        help="comma-separated verification targets (default: %(default)s)",
+    )
+    parser.add_argument("--batch_size", type=_positive_int, default=64, help="embedding batch size")
+    parser.add_argument("--roc-plot", dest="roc_plot", metavar="FILE.png", help="write ROC curves here")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the ``eval`` subcommand on a ``faceid`` subparsers object."""
+    return _configure(
+        subparsers.add_parser(
+            "eval",
+            help="verification accuracy of a saved model (lfw, cfp_fp, agedb_30)",
+            description="Evaluates a saved model under the insightface verification protocol.",
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    """Standalone entry point: ``python -m faceid_keras.evaluate MODEL --data_path DIR``."""
+    parser = _configure(argparse.ArgumentParser(prog="faceid eval", description=__doc__))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    main()
