@@ -1,0 +1,138 @@
+"""tf.data input pipeline from the `ms1m_arcface` tfds training split to (images, labels) batches.
+
+Records are read with the JPEG bytes undecoded (tfds SkipDecoding) and decoded in a parallel map,
+so decoding runs on all cores. Images come out as float32 (x/255 - 0.5)/0.5, labels as int32.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import tfds_ms1m  # noqa: F401  (registers the ms1m_arcface builder)
+
+DATASET_NAME = "ms1m_arcface"
+DEFAULT_SHUFFLE_BUFFER = 20_000
+_SEED_ALGORITHM_WIDTH = 2
+
+
+class DatasetDistributor(Protocol):
+    """What `train_dataset` needs from a placement: shard the record stream, give the batch size."""
+
+    def distribute_dataset(
+        self, dataset: tf.data.Dataset, global_batch_size: int
+    ) -> tuple[tf.data.Dataset, int]: ...
+
+
+def builder(data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The `ms1m_arcface` builder (default `train` config) over a built tfds data dir."""
+    return tfds.builder(DATASET_NAME, data_dir=data_dir)
+
+
+def dataset_info(data_dir: str | None) -> tuple[int, tuple[int, int, int]]:
+    """(number of classes, image shape (H, W, 3)) of the built training data, to size the model."""
+    dataset_builder = builder(data_dir)
+    num_classes = dataset_builder.info.features["label"].num_classes
+    shape = tuple(dataset_builder.info.features["image"].shape)
+    if None not in shape:
+        return num_classes, shape
+    split = next(iter(dataset_builder.info.splits))
+    first = dataset_builder.as_dataset(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()}
+    ).take(1)
+    for example in first:
+        image = decode_image(example["image"])
+        return num_classes, tuple(int(d) for d in image.shape)
+    raise ValueError(f"{DATASET_NAME} in {data_dir}: split {split!r} has no examples.")
+
+
+def decode_image(
+    image_bytes: tf.Tensor, image_size: tuple[int, int] | None = None
+) -> tf.Tensor:
+    """Decode JPEG bytes to a uint8 (H, W, 3) image, resized to `image_size` if given."""
+    image = tf.io.decode_jpeg(image_bytes, channels=3)
+    if image_size is not None:
+        resized = tf.image.resize(image, image_size, method="bilinear")
+        image = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    return image
+
+
+def preprocess(
+    image: tf.Tensor, training: bool = False, seed: tf.Tensor | None = None
+) -> tf.Tensor:
+    """uint8 image -> float32 (x/255 - 0.5)/0.5; when training, a random horizontal flip.
+
+    `seed` (shape [2] int) makes the flip a stateless function of the seed, which keeps parallel
+    maps deterministic; without it the flip draws from TensorFlow's global random state.
+    """
+    if training:
+        if seed is None:
+            image = tf.image.random_flip_left_right(image)
+        else:
+            image = tf.image.stateless_random_flip_left_right(image, seed)
+    # (x/255 - 0.5)/0.5 as one multiply-add: a single pass over the pixels.
+    return tf.cast(image, tf.float32) * (2.0 / 255.0) - 1.0
+
+
+def train_dataset(
+    data_dir: str | None,
+    batch_size: int,
+    split: str = "train",
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    seed: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    placement: DatasetDistributor | None = None,
+) -> tf.data.Dataset:
+    """One epoch of (images float32 [B, H, W, 3], labels int32 [B]) batches from a tfds split.
+
+    `batch_size` is the global batch. With a `placement`, its `distribute_dataset` shards the
+    record stream for this process (multi-process NPU) and gives the per-process batch size.
+    With `seed`, the file order, shuffle and flips are fixed, and the same seed yields identical
+    batches; each new iteration (epoch) is reshuffled either way. The last partial batch is dropped.
+    Without `image_size`, every image must have the shape `dataset_info` reports.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+    if shuffle_buffer < 0:
+        raise ValueError(f"`shuffle_buffer` must be >= 0, got {shuffle_buffer}.")
+    if image_size is None:
+        _, shape = dataset_info(data_dir)
+        static_shape = shape
+    else:
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"`image_size` must be (height, width), got {image_size!r}.")
+        static_shape = (int(image_size[0]), int(image_size[1]), 3)
+    dataset_builder = builder(data_dir)
+    if split not in dataset_builder.info.splits:
+        raise ValueError(
+            f"{DATASET_NAME} in {data_dir}: no split {split!r}; "
+            f"available: {sorted(dataset_builder.info.splits)}."
+        )
+    records = dataset_builder.as_dataset(
+        split=split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        shuffle_files=True,
+        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+    )
+    local_batch_size = batch_size
+    if placement is not None:
+        records, local_batch_size = placement.distribute_dataset(records, batch_size)
+    if shuffle_buffer > 1:
+        records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    flip_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(
+        _SEED_ALGORITHM_WIDTH
+    )
+
+    def to_example(record: dict, flip_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = decode_image(record["image"], image_size)
+        image = tf.ensure_shape(image, static_shape)
+        return preprocess(image, training=True, seed=flip_seed), tf.cast(record["label"], tf.int32)
+
+    dataset = tf.data.Dataset.zip(records, flip_seeds).map(
+        to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None
+    )
+    dataset = dataset.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = seed is not None
+    return dataset.with_options(options)

@@ -1,0 +1,262 @@
+"""Where training runs: one object that picks the devices, the precision and the loss scaling.
+
+`Placement.create(device="auto", precision="fp32")` chooses, in order: an Ascend NPU when the
+CANN adapter `npu_device` imports; tf.distribute over the visible GPUs (MultiWorkerMirroredStrategy
+when TF_CONFIG names several workers, MirroredStrategy for several GPUs, OneDeviceStrategy for
+one); else the CPU. Usage, the same on every device:
+
+    placement = Placement.create(precision="mixed_float16")   # before building the model
+    with placement.scope():
+        model = ArcFaceModel(...)
+        model.compile(optimizer=placement.wrap_optimizer(keras.optimizers.SGD(0.1)))
+    dataset = faceid_keras.data.train_dataset(data_dir, global_batch, placement=placement)
+    model.fit(dataset, callbacks=placement.callbacks())
+
+Datasets: under tf.distribute, Keras `fit` distributes the dataset itself (each global batch is
+split across the replicas, and across workers by tf.data auto-sharding), so `distribute_dataset`
+leaves it alone. On NPU there is one process per device and no strategy: `distribute_dataset`
+shards the record stream for this process and returns the per-process batch size, and the
+optimizer all-reduces gradients.
+
+Precision: "fp32", "mixed_float16" or "mixed_bfloat16". On tf.distribute devices it becomes the
+global Keras dtype policy (float32 / mixed_float16 / mixed_bfloat16), so create the placement
+before the model. float16 gets dynamic loss scaling: `wrap_optimizer` wraps the optimizer in a
+`keras.optimizers.LossScaleOptimizer`, and `compile` keeps an optimizer that is already one (it
+only wraps plain optimizers under mixed_float16), so the object returned is the one the model uses.
+On NPU the Keras policy stays float32 and the NPU graph compiler does the mixing, by
+`precision_mode` (see `NPU_PRECISION_MODES`); float16 there is loss-scaled by
+`npu_device.train.optimizer.NpuLossScaleOptimizer`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+DEVICES = ("auto", "npu", "gpu", "cpu")
+PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
+KERAS_POLICIES = {"fp32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
+# NPU graph precision per flag. force_fp32 keeps float32 wherever the operator supports it;
+# allow_mix_precision lowers the operators on CANN's float16 list and needs loss scaling;
+# allow_mix_precision_bf16 does the same in bfloat16 (Atlas A2 and later), no loss scaling.
+NPU_PRECISION_MODES = {
+    "fp32": "force_fp32",
+    "mixed_float16": "allow_mix_precision",
+    "mixed_bfloat16": "allow_mix_precision_bf16",
+}
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"Environment variable {name}={raw!r} is not an integer.") from None
+    if value < minimum:
+        raise ValueError(f"Environment variable {name}={value} must be >= {minimum}.")
+    return value
+
+
+def _tf_config_workers() -> int:
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Environment variable TF_CONFIG is not valid JSON: {error}.") from None
+    return len(config.get("cluster", {}).get("worker", []))
+
+
+def _import_npu_device():
+    try:
+        return importlib.import_module("npu_device")
+    except ImportError:
+        return None
+
+
+class Placement:
+    """A distribution-like context: strategy (or NPU process), dtype policy and loss scaling.
+
+    Build it with `Placement.create`; the constructor takes an already made strategy (tf.distribute
+    lanes) or an imported `npu_device` module (NPU lane) and applies the precision.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        precision: str = "fp32",
+        strategy: tf.distribute.Strategy | None = None,
+        npu=None,
+    ):
+        if device not in DEVICES[1:]:
+            raise ValueError(f"`device` must be one of {DEVICES[1:]}, got {device!r}.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}.")
+        if (device == "npu") != (npu is not None):
+            raise ValueError("An `npu` module is given exactly when `device` is 'npu'.")
+        if npu is not None and strategy is not None:
+            raise ValueError("The NPU runs one process per device: it takes no tf.distribute strategy.")
+        if device != "npu" and strategy is None:
+            strategy = tf.distribute.get_strategy()
+        self.device = device
+        self.precision = precision
+        self.strategy = strategy
+        self._npu = npu
+        self._wrapped: list = []
+        if npu is not None:
+            self.device_id = _env_int("ASCEND_DEVICE_ID", 0, 0)
+            self.rank_size = _env_int("RANK_SIZE", 1, 1)
+            self.rank_id = _env_int("RANK_ID", 0, 0)
+            if self.rank_id >= self.rank_size:
+                raise ValueError(f"RANK_ID={self.rank_id} must be below RANK_SIZE={self.rank_size}.")
+            options = npu.global_options()
+            options.precision_mode = NPU_PRECISION_MODES[precision]
+            npu.open(self.device_id).as_default()
+            self.dtype_policy = keras.mixed_precision.Policy("float32")
+        else:
+            self.device_id = 0
+            self.rank_size = 1
+            self.rank_id = 0
+            self.dtype_policy = keras.mixed_precision.Policy(KERAS_POLICIES[precision])
+        keras.mixed_precision.set_global_policy(self.dtype_policy)
+
+    @classmethod
+    def create(
+        cls,
+        device: str = "auto",
+        precision: str = "fp32",
+        devices: Sequence[str] | None = None,
+    ) -> "Placement":
+        """Pick the placement by name or automatically ("auto": NPU, else GPUs, else CPU).
+
+        `devices` names tf.distribute devices explicitly (e.g. ["/cpu:0", "/cpu:1"] for logical
+        CPUs); several make a MirroredStrategy over them. It does not apply to the NPU.
+        """
+        if device not in DEVICES:
+            raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}.")
+        if device in ("auto", "npu"):
+            npu = _import_npu_device()
+            if npu is not None:
+                if devices:
+                    raise ValueError("`devices` does not apply to the NPU: use ASCEND_DEVICE_ID.")
+                return cls("npu", precision, npu=npu)
+            if device == "npu":
+                raise RuntimeError(
+                    "device='npu' but `npu_device` does not import: install the CANN TensorFlow "
+                    "adapter (TF 2.13 / tf.keras) and source the CANN environment."
+                )
+        gpus = tf.config.list_logical_devices("GPU")
+        if device == "gpu" and not gpus and not devices:
+            raise RuntimeError("device='gpu' but TensorFlow sees no GPU.")
+        kind = "gpu" if device == "gpu" or (device == "auto" and gpus) else "cpu"
+        return cls(kind, precision, strategy=cls._make_strategy(kind, gpus, devices))
+
+    @staticmethod
+    def _make_strategy(kind: str, gpus: list, devices: Sequence[str] | None) -> tf.distribute.Strategy:
+        if _tf_config_workers() > 1:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        if devices:
+            devices = list(devices)
+            if len(devices) > 1:
+                return tf.distribute.MirroredStrategy(devices)
+            return tf.distribute.OneDeviceStrategy(devices[0])
+        if kind == "gpu":
+            if len(gpus) > 1:
+                return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
+            return tf.distribute.OneDeviceStrategy(gpus[0].name)
+        return tf.distribute.get_strategy()
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """Replicas that share one global batch: strategy replicas, or NPU processes (RANK_SIZE)."""
+        if self._npu is not None:
+            return self.rank_size
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether training uses dynamic loss scaling (float16 mixed precision)."""
+        return self.precision == "mixed_float16"
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Context to build and compile the model in (the strategy scope; a no-op on NPU)."""
+        if self._npu is not None:
+            return contextlib.nullcontext()
+        return self.strategy.scope()
+
+    def distribute_dataset(
+        self, dataset: tf.data.Dataset, global_batch_size: int
+    ) -> tuple[tf.data.Dataset, int]:
+        """Shard an unbatched record stream for this process; returns it and the batch to use.
+
+        NPU with RANK_SIZE > 1: `npu_device.distribute.shard_and_rebatch_dataset` keeps this
+        rank's share and gives global_batch_size / RANK_SIZE. tf.distribute: unchanged, with the
+        global batch size, because Keras `fit` distributes the batched dataset itself.
+        """
+        if global_batch_size % self.num_replicas_in_sync:
+            raise ValueError(
+                f"Global batch size {global_batch_size} is not divisible by the "
+                f"{self.num_replicas_in_sync} replicas of this placement."
+            )
+        if self._npu is not None and self.rank_size > 1:
+            return self._npu.distribute.shard_and_rebatch_dataset(dataset, global_batch_size)
+        return dataset, global_batch_size
+
+    def wrap_optimizer(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+        """The optimizer to compile with: loss-scaled for float16, all-reducing on several NPUs.
+
+        Idempotent: an optimizer this placement returned (or a Keras LossScaleOptimizer on the
+        tf.distribute lanes) comes back unchanged, so nothing is wrapped twice.
+        """
+        if any(optimizer is done for done in self._wrapped):
+            return optimizer
+        if self._npu is not None:
+            npu_lso = self._npu.train.optimizer.NpuLossScaleOptimizer
+            if self.loss_scaling and not isinstance(optimizer, npu_lso):
+                optimizer = npu_lso(optimizer, dynamic=True)
+            if self.rank_size > 1:
+                optimizer = self._npu.distribute.npu_distributed_keras_optimizer_wrapper(optimizer)
+        elif self.loss_scaling and not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+            optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+        self._wrapped.append(optimizer)
+        return optimizer
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        """The callbacks this placement needs in `fit`: weight broadcast on several NPUs, and a
+        `LossScaleMonitor` when loss scaling is on."""
+        from callbacks.loss_scale import LossScaleMonitor
+        from callbacks.placement import NPUPlacement
+
+        result: list[keras.callbacks.Callback] = []
+        if self._npu is not None and self.rank_size > 1:
+            result.append(NPUPlacement())
+        if self.loss_scaling:
+            result.append(LossScaleMonitor())
+        return result
+
+    @property
+    def device_names(self) -> tuple[str, ...]:
+        """The devices this process trains on, for logs."""
+        if self._npu is not None:
+            return (f"npu:{self.device_id}",)
+        try:
+            return tuple(self.strategy.extended.worker_devices)
+        except RuntimeError:  # the default strategy: TensorFlow's own placement on this host
+            return (f"/{self.device}:0",)
+
+    def __repr__(self) -> str:
+        return (
+            f"Placement(device={self.device!r}, precision={self.precision!r}, "
+            f"replicas={self.num_replicas_in_sync}, policy={self.dtype_policy.name!r})"
+        )
+

@@ -1,0 +1,260 @@
+"""Placement: device and precision choice, optimizer wrapping, the NPU call protocol, 2 replicas."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import pytest
+import tensorflow as tf
+
+from callbacks import LossScaleMonitor, NPUPlacement
+from faceid_keras.placement import Placement
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_NPU = Path(__file__).resolve().parent / "fake_npu_device"
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture
+def fake_npu(monkeypatch):
+    """The npu_device test double on sys.path, with a clean call record and NPU environment."""
+    for name in ("ASCEND_DEVICE_ID", "RANK_SIZE", "RANK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.syspath_prepend(str(FAKE_NPU))
+    for name in [m for m in sys.modules if m == "npu_device" or m.startswith("npu_device.")]:
+        monkeypatch.delitem(sys.modules, name)
+    import npu_device
+
+    npu_device.reset()
+    yield npu_device
+    for name in [m for m in sys.modules if m == "npu_device" or m.startswith("npu_device.")]:
+        del sys.modules[name]
+
+
+def _tiny_model():
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+
+def test_cpu_fp32_is_plain_keras():
+    placement = Placement.create("cpu")
+    assert placement.device == "cpu" and placement.precision == "fp32"
+    assert placement.num_replicas_in_sync == 1
+    assert keras.mixed_precision.global_policy().name == "float32"
+    optimizer = keras.optimizers.SGD(0.1)
+    assert placement.wrap_optimizer(optimizer) is optimizer
+    assert placement.callbacks() == []
+    dataset = tf.data.Dataset.range(10)
+    assert placement.distribute_dataset(dataset, 4) == (dataset, 4)
+    with placement.scope():
+        assert tf.distribute.get_strategy() is placement.strategy
+    assert placement.device_names == ("/cpu:0",)
+
+
+def test_auto_without_npu_or_gpu_is_cpu():
+    assert Placement.create().device == "cpu"
+
+
+def test_mixed_float16_wraps_once_and_compile_keeps_it():
+    placement = Placement.create("cpu", precision="mixed_float16")
+    assert keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert placement.loss_scaling
+    wrapped = placement.wrap_optimizer(keras.optimizers.SGD(0.1))
+    assert isinstance(wrapped, keras.optimizers.LossScaleOptimizer)
+    assert placement.wrap_optimizer(wrapped) is wrapped
+    model = _tiny_model()
+    model.compile(optimizer=wrapped, loss="mse")
+    assert model.optimizer is wrapped
+    assert not isinstance(wrapped.inner_optimizer, keras.optimizers.LossScaleOptimizer)
+    assert [type(c) for c in placement.callbacks()] == [LossScaleMonitor]
+
+
+def test_mixed_bfloat16_sets_policy_without_loss_scaling():
+    placement = Placement.create("cpu", precision="mixed_bfloat16")
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    optimizer = keras.optimizers.SGD(0.1)
+    assert placement.wrap_optimizer(optimizer) is optimizer
+    assert placement.callbacks() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"device": "tpu"}, ValueError),
+        ({"precision": "float16"}, ValueError),
+        ({"device": "gpu"}, RuntimeError),
+        ({"device": "npu"}, RuntimeError),
+    ],
+)
+def test_bad_requests_raise(kwargs, error):
+    with pytest.raises(error):
+        Placement.create(**kwargs)
+
+
+def test_tf_config_with_two_workers_makes_multi_worker_strategy(monkeypatch):
+    made = []
+
+    def multi_worker():
+        made.append(True)
+        return tf.distribute.get_strategy()
+
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}),
+    )
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", multi_worker)
+    Placement.create("cpu")
+    assert made == [True]
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        Placement.create("cpu")
+
+
+def test_fake_npu_options_reject_unknown_fields(fake_npu):
+    with pytest.raises(ValueError):
+        fake_npu.global_options().precision_modus = "force_fp32"
+
+
+def test_npu_one_device_calls_in_order(fake_npu, monkeypatch):
+    monkeypatch.setenv("ASCEND_DEVICE_ID", "3")
+    placement = Placement.create(precision="mixed_float16")
+    assert placement.device == "npu" and placement.num_replicas_in_sync == 1
+    assert keras.mixed_precision.global_policy().name == "float32"
+    optimizer = placement.wrap_optimizer(keras.optimizers.SGD(0.1))
+    assert placement.wrap_optimizer(optimizer) is optimizer
+    dataset = tf.data.Dataset.range(8)
+    assert placement.distribute_dataset(dataset, 4) == (dataset, 4)
+    assert [type(c) for c in placement.callbacks()] == [LossScaleMonitor]
+    assert fake_npu.CALLS == [
+        ("global_options", {}),
+        ("global_options.set", {"field": "precision_mode", "value": "allow_mix_precision"}),
+        ("open", {"device_id": 3}),
+        ("as_default", {"device_id": 3}),
+        ("NpuLossScaleOptimizer", {"inner": "SGD", "dynamic": True}),
+    ]
+    assert placement.device_names == ("npu:3",)
+
+
+def test_npu_fp32_uses_force_fp32_and_no_loss_scaling(fake_npu):
+    placement = Placement.create("npu", precision="fp32")
+    optimizer = keras.optimizers.SGD(0.1)
+    assert placement.wrap_optimizer(optimizer) is optimizer
+    assert placement.callbacks() == []
+    assert fake_npu.CALLS == [
+        ("global_options", {}),
+        ("global_options.set", {"field": "precision_mode", "value": "force_fp32"}),
+        ("open", {"device_id": 0}),
+        ("as_default", {"device_id": 0}),
+    ]
+
+
+def test_npu_two_ranks_shard_wrap_and_broadcast_in_order(fake_npu, monkeypatch):
+    monkeypatch.setenv("RANK_SIZE", "2")
+    monkeypatch.setenv("RANK_ID", "1")
+    placement = Placement.create(precision="mixed_float16")
+    assert placement.num_replicas_in_sync == 2
+    model = _tiny_model()
+    model.compile(optimizer=placement.wrap_optimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    records = tf.data.Dataset.range(16).map(lambda i: (tf.fill([3], tf.cast(i, tf.float32)), tf.zeros([2])))
+    shard, batch_size = placement.distribute_dataset(records, 8)
+    assert batch_size == 4
+    assert [int(x[0]) for x, _ in shard] == list(range(1, 16, 2))
+    callbacks = placement.callbacks()
+    assert [type(c) for c in callbacks] == [NPUPlacement, LossScaleMonitor]
+    history = model.fit(shard.batch(batch_size), epochs=1, verbose=0, callbacks=callbacks)
+    assert history.history["skipped_steps"] == [0]
+    assert fake_npu.CALLS == [
+        ("global_options", {}),
+        ("global_options.set", {"field": "precision_mode", "value": "allow_mix_precision"}),
+        ("open", {"device_id": 0}),
+        ("as_default", {"device_id": 0}),
+        ("NpuLossScaleOptimizer", {"inner": "SGD", "dynamic": True}),
+        (
+            "npu_distributed_keras_optimizer_wrapper",
+            {"optimizer": "NpuLossScaleOptimizer", "reduce_reduction": "mean"},
+        ),
+        ("shard_and_rebatch_dataset", {"global_bs": 8}),
+        ("broadcast", {"count": len(model.trainable_variables), "root_rank": 0}),
+    ]
+
+
+def test_npu_rank_outside_rank_size_raises(fake_npu, monkeypatch):
+    monkeypatch.setenv("RANK_SIZE", "2")
+    monkeypatch.setenv("RANK_ID", "2")
+    with pytest.raises(ValueError, match="RANK_ID"):
+        Placement.create()
+
+
+_TWO_REPLICAS = textwrap.dedent(
+    """
+    import json
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+    import keras
+    import numpy as np
+
+    from faceid_keras.model import ArcFaceModel
+    from faceid_keras.placement import Placement
+
+
+    def backbone():
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
+        x = keras.layers.GroupNormalization(groups=2)(x)
+        x = keras.layers.Flatten()(x)
+        return keras.Model(inputs, keras.layers.Dense(8)(x))
+
+
+    def train_one_step(placement, images, labels, weights):
+        with placement.scope():
+            model = ArcFaceModel(backbone(), num_classes=5, weight_decay=5e-4)
+            if weights is not None:
+                model.set_weights(weights)
+            start = model.get_weights()
+            model.compile(optimizer=placement.wrap_optimizer(keras.optimizers.SGD(0.01, momentum=0.9)))
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(len(labels))
+        model.fit(dataset, epochs=1, verbose=0)
+        return start, model.get_weights()
+
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 8, 8, 3)).astype("float32")
+    labels = rng.integers(0, 5, 8).astype("int32")
+    two = Placement.create("cpu", devices=["/cpu:0", "/cpu:1"])
+    one = Placement.create("cpu")
+    start, after_two = train_one_step(two, images, labels, None)
+    _, after_one = train_one_step(one, images, labels, start)
+    print("RESULT " + json.dumps({
+        "replicas": [two.num_replicas_in_sync, one.num_replicas_in_sync],
+        "devices": list(two.device_names),
+        "update": max(float(np.max(np.abs(a - s))) for a, s in zip(after_one, start)),
+        "diff": max(float(np.max(np.abs(a - b))) for a, b in zip(after_two, after_one)),
+    }))
+    """
+)
+
+
+def test_two_cpu_replicas_step_like_one_replica_with_the_global_batch(tmp_path):
+    script = tmp_path / "two_replicas.py"
+    script.write_text(_TWO_REPLICAS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["replicas"] == [2, 1]
+    assert len(result["devices"]) == 2
+    assert result["update"] > 1e-3
+    assert result["diff"] <= 1e-5 * max(1.0, result["update"])
