@@ -1,0 +1,146 @@
+"""Margin heads: normalised class centres and insightface's combined margin s*(cos(m1*theta+m2)-m3)."""
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
+    "arcface": (1.0, 0.5, 0.0),
+    "cosface": (1.0, 0.0, 0.35),
+}
+
+
+def resolve_margin(margin: str | tuple | list) -> tuple[float, float, float]:
+    """Turns a preset name or an (m1, m2, m3) triple into three validated floats."""
+    if isinstance(margin, str):
+        if margin not in MARGIN_PRESETS:
+            raise ValueError(
+                f"Unknown margin preset {margin!r}; valid presets are {sorted(MARGIN_PRESETS)} "
+                "or a tuple (m1, m2, m3)."
+            )
+        return MARGIN_PRESETS[margin]
+    if not isinstance(margin, (tuple, list)) or len(margin) != 3:
+        raise ValueError(
+            f"margin must be one of {sorted(MARGIN_PRESETS)} or a tuple (m1, m2, m3), got {margin!r}."
+        )
+    try:
+        m1, m2, m3 = (float(m) for m in margin)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"margin values must be numbers, got {margin!r}.") from error
+    if not all(math.isfinite(m) for m in (m1, m2, m3)):
+        raise ValueError(f"margin values must be finite, got {margin!r}.")
+    if m1 <= 0:
+        raise ValueError(f"margin m1 (angle multiplier) must be > 0, got {m1}.")
+    if not 0 <= m2 < math.pi:
+        raise ValueError(f"margin m2 (additive angle) must be in [0, pi), got {m2}.")
+    if m3 < 0:
+        raise ValueError(f"margin m3 (cosine subtraction) must be >= 0, got {m3}.")
+    return m1, m2, m3
+
+
+@keras.saving.register_keras_serializable(package="faceid")
+class MarginHead(keras.layers.Layer):
+    """Class centres W (num_classes x dim) and scaled margin logits for ArcFace-style training.
+
+    `head(embeddings)` gives s * cos(theta); `head(embeddings, labels)` puts
+    s * (cos(m1 * theta + m2) - m3) on each example's target class. Centres, cosines and logits
+    are always float32, whatever the global dtype policy, so softmax cross-entropy stays exact.
+
+    Where m1 * theta + m2 passes pi the margin logit would rise again with theta. Beyond that
+    switch point theta_t = (pi - m2) / m1 the target logit becomes cos(theta) - m3 - c with
+    c = max(m2 * sin(m2), 1 + cos(theta_t)): insightface's ArcFace fallback
+    cos(theta) - sin(pi - m2) * m2, or the larger penalty that keeps the logit non-increasing
+    in theta for other (m1, m2). Margins with m1 * pi + m2 <= pi never switch.
+
+    Labels outside [0, num_classes) (e.g. -1) get no margin, so the margin can be applied to
+    the cosines of any subset of centres via `margin_logits`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        margin: str | tuple = "arcface",
+        scale: float = 64.0,
+        epsilon: float = 1e-6,
+        **kwargs,
+    ):
+        dtype = kwargs.pop("dtype", None)
+        if dtype is not None and keras.dtype_policies.get(dtype).name != "float32":
+            raise ValueError(
+                f"MarginHead always computes in float32; got dtype {keras.dtype_policies.get(dtype).name!r}."
+            )
+        super().__init__(dtype="float32", **kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
+        if not 0 < epsilon < 0.1:
+            raise ValueError(f"epsilon must be in (0, 0.1), got {epsilon!r}.")
+        self.num_classes = num_classes
+        self.margin = margin if isinstance(margin, str) else tuple(float(m) for m in margin)
+        self.m1, self.m2, self.m3 = resolve_margin(margin)
+        self.scale = float(scale)
+        self.epsilon = float(epsilon)
+        theta_switch = (math.pi - self.m2) / self.m1
+        self._switch_theta = theta_switch if theta_switch < math.pi else None
+        if self._switch_theta is not None:
+            self._switch_cos = math.cos(theta_switch)
+            self._fallback_penalty = max(self.m2 * math.sin(self.m2), 1.0 + self._switch_cos)
+
+    def build(self, input_shape):
+        self.centres = self.add_weight(
+            name="centres",
+            shape=(self.num_classes, int(input_shape[-1])),
+            initializer=keras.initializers.RandomNormal(stddev=0.01),
+            dtype="float32",
+        )
+
+    def cosine(self, embeddings, centres=None):
+        """cos(theta) between L2-normalised embeddings and centres (all centres by default)."""
+        centres = self.centres if centres is None else centres
+        embeddings = ops.normalize(ops.cast(embeddings, "float32"), axis=-1, epsilon=1e-12)
+        centres = ops.normalize(ops.cast(centres, "float32"), axis=-1, epsilon=1e-12)
+        cosine = ops.matmul(embeddings, ops.transpose(centres))
+        return ops.clip(cosine, -1.0 + self.epsilon, 1.0 - self.epsilon)
+
+    def target_logit(self, cosine):
+        """Unscaled margin logit cos(m1*theta + m2) - m3 (with the monotonic fallback)."""
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return cosine - self.m3
+        theta = ops.arccos(cosine)
+        margin_form = ops.cos(self.m1 * theta + self.m2) - self.m3
+        if self._switch_theta is None:
+            return margin_form
+        fallback = cosine - self.m3 - self._fallback_penalty
+        return ops.where(cosine > self._switch_cos, margin_form, fallback)
+
+    def margin_logits(self, cosine, labels):
+        """Scaled logits from clipped cosines (batch x classes): margin on each label's column."""
+        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        one_hot = ops.one_hot(labels, ops.shape(cosine)[-1], dtype="float32")
+        target_cosine = ops.clip(
+            ops.sum(cosine * one_hot, axis=-1, keepdims=True), -1.0 + self.epsilon, 1.0 - self.epsilon
+        )
+        logits = ops.where(one_hot > 0, self.target_logit(target_cosine), cosine)
+        return logits * self.scale
+
+    def call(self, embeddings, labels=None):
+        cosine = self.cosine(embeddings)
+        if labels is None:
+            return cosine * self.scale
+        return self.margin_logits(cosine, labels)
+
+    def compute_output_shape(self, input_shape, labels_shape=None):
+        return tuple(input_shape[:-1]) + (self.num_classes,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes,
+            margin=self.margin,
+            scale=self.scale,
+            epsilon=self.epsilon,
+        )
+        return config

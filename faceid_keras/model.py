@@ -1,0 +1,161 @@
+"""ArcFaceModel: a backbone plus a margin head, trained with plain `fit`, serving normalised embeddings."""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from faceid_keras import backbones
+from faceid_keras.heads import MarginHead
+
+
+@keras.saving.register_keras_serializable(package="faceid")
+class ArcFaceModel(keras.Model):
+    """Face recognizer: `call(images)` gives L2-normalised float32 embeddings; `fit` trains the margin head.
+
+    `backbone` is a name known to `faceid_keras.backbones.build` or any Keras model mapping images to
+    vectors. Training minimises float32 softmax cross-entropy over the margin logits plus the
+    model's regularisation losses, plus a coupled L2 weight decay 0.5 * weight_decay * sum(w^2) over
+    all trainable weights (insightface's SGD weight_decay=5e-4; set 0 with a decoupled optimizer such
+    as AdamW). The `loss` metric reports cross-entropy plus regularisation losses, without the decay
+    term; `accuracy` is top-1 on the plain cosine logits (no margin), the prediction a user makes.
+    Under tf.distribute each replica divides by the global batch and gradients are summed across
+    replicas by the optimizer, so N replicas with global batch B step like one replica with batch B.
+    """
+
+    def __init__(
+        self,
+        backbone: str | keras.Model = "iresnet50",
+        num_classes: int | None = None,
+        embedding_size: int = 512,
+        margin: str | tuple = "arcface",
+        scale: float = 64.0,
+        input_shape=(112, 112, 3),
+        norm: str = "batch",
+        dropout: float = 0.0,
+        weight_decay: float = 5e-4,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_classes is None:
+            raise ValueError("ArcFaceModel needs num_classes (the number of identities in the training set).")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+        if isinstance(backbone, str):
+            backbone = backbones.build(backbone, input_shape, embedding_size, norm=norm, dropout=dropout)
+        elif not isinstance(backbone, keras.Model):
+            raise TypeError(
+                f"backbone must be a name in {list(backbones.BACKBONES)} or a keras.Model, got {type(backbone)!r}."
+            )
+        if len(backbone.inputs) != 1 or len(backbone.outputs) != 1 or len(backbone.outputs[0].shape) != 2:
+            raise ValueError(
+                "backbone must be a keras.Model with one image input and one (batch, embedding) output."
+            )
+        self.backbone = backbone
+        self.image_shape = tuple(backbone.inputs[0].shape[1:])
+        self.embedding_size = int(backbone.outputs[0].shape[-1])
+        self.num_classes = num_classes
+        self.margin = margin
+        self.scale = scale
+        self.norm = norm
+        self.dropout = dropout
+        self.weight_decay = float(weight_decay)
+        self.head = MarginHead(num_classes, margin=margin, scale=scale, name="margin_head")
+        self.normalize = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")
+        self.head.build((None, self.embedding_size))
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self(ops.zeros((1,) + self.image_shape))
+
+    def call(self, images, training=None):
+        return self.normalize(self.backbone(images, training=training))
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    def compile(self, optimizer=None, **kwargs):
+        """Compiles; without an optimizer uses insightface's SGD(learning_rate=0.1, momentum=0.9)."""
+        if optimizer is None:
+            optimizer = keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def _forward(self, images, labels, training):
+        """Per-replica (cross-entropy + regularisation) loss scaled for gradient summing, and cosines."""
+        embeddings = self.backbone(images, training=training)
+        cosine = self.head.cosine(embeddings)
+        logits = self.head.margin_logits(cosine, labels)
+        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        cross_entropy = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_batch = ops.cast(ops.shape(labels)[0] * replicas, "float32")
+        loss = ops.sum(cross_entropy) / global_batch
+        if self.losses:
+            loss = loss + ops.sum(ops.stack([ops.cast(x, "float32") for x in self.losses])) / replicas
+        return loss, cosine, replicas
+
+    def _track(self, loss, cosine, labels, replicas):
+        batch = ops.shape(cosine)[0]
+        self.loss_tracker.update_state(loss * replicas, sample_weight=batch)
+        self.accuracy_tracker.update_state(ops.reshape(labels, (-1,)), cosine)
+        return {m.name: m.result() for m in self.metrics}
+
+    @staticmethod
+    def _unpack(data):
+        images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if labels is None:
+            raise ValueError("ArcFaceModel trains and evaluates on (images, labels) batches; got images only.")
+        if sample_weight is not None:
+            raise ValueError("ArcFaceModel does not support sample weights; pass (images, labels) batches.")
+        return images, labels
+
+    def train_step(self, data):
+        images, labels = self._unpack(data)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            loss, cosine, replicas = self._forward(images, labels, training=True)
+            objective = loss
+            if self.weight_decay:
+                decay = ops.sum(ops.stack([ops.sum(ops.square(ops.cast(v, "float32"))) for v in variables]))
+                objective = objective + 0.5 * self.weight_decay * decay / replicas
+            objective = self.optimizer.scale_loss(objective)
+        gradients = tape.gradient(objective, variables)
+        self.optimizer.apply(gradients, variables)
+        return self._track(loss, cosine, labels, replicas)
+
+    def test_step(self, data):
+        images, labels = self._unpack(data)
+        loss, cosine, replicas = self._forward(images, labels, training=False)
+        return self._track(loss, cosine, labels, replicas)
+
+    def embedding_model(self) -> keras.Model:
+        """A functional model images -> L2-normalised float32 embeddings, without the class centres."""
+        images = keras.Input(self.image_shape, name="images")
+        embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(self.backbone(images))
+        return keras.Model(images, embeddings, name=f"{self.backbone.name}_embedding")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=keras.saving.serialize_keras_object(self.backbone),
+            num_classes=self.num_classes,
+            embedding_size=self.embedding_size,
+            margin=self.margin,
+            scale=self.scale,
+            input_shape=self.image_shape,
+            norm=self.norm,
+            dropout=self.dropout,
+            weight_decay=self.weight_decay,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
