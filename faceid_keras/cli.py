@@ -1,0 +1,32 @@
+"""The `faceid` command line: `faceid demo`, `faceid train` and `faceid eval`.
+
+TensorFlow's environment defaults (oneDNN on, quiet logs) are set by `faceid_keras/__init__.py`,
+which Python runs before this module.
+"""
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the `faceid` parser with one subcommand per module."""
+    from faceid_keras import demo, evaluate, train
+
+    parser = argparse.ArgumentParser(
+        prog="faceid",
+        description="Train ArcFace face recognizers with Keras and verify faces with them.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (demo, train, evaluate):
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `faceid` console script; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    status = args.func(args)
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
