@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
@@ -56,6 +57,15 @@ class MarginHead(keras.layers.Layer):
 
     Labels outside [0, num_classes) (e.g. -1) get no margin, so the margin can be applied to
     the cosines of any subset of centres via `margin_logits`.
+
+    Partial FC (An et al., CVPR 2022): with `sample_rate` < 1, training uses `sample(labels, step)`
+    to pick max(int(sample_rate * num_classes), unique labels) centres each step (every class of
+    the batch plus random others) and computes the margin logits against those rows only, so the
+    head's compute and activations scale with the sample. Under tf.distribute the labels of all
+    replicas are gathered and the draw is a function of (`seed`, step) only, so every replica and
+    every worker picks the same centres. `call` (inference) always uses all centres. The sample
+    has a data-dependent size, which XLA cannot compile, so a sampling head sets
+    `supports_jit = False` (Keras then compiles `fit` without XLA).
     """
 
     def __init__(
@@ -64,6 +74,8 @@ class MarginHead(keras.layers.Layer):
         margin: str | tuple = "arcface",
         scale: float = 64.0,
         epsilon: float = 1e-6,
+        sample_rate: float = 1.0,
+        seed: int = 0,
         **kwargs,
     ):
         dtype = kwargs.pop("dtype", None)
@@ -78,11 +90,20 @@ class MarginHead(keras.layers.Layer):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
         if not 0 < epsilon < 0.1:
             raise ValueError(f"epsilon must be in (0, 0.1), got {epsilon!r}.")
+        numeric = isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
+        if not (numeric and 0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
         self.num_classes = num_classes
         self.margin = margin if isinstance(margin, str) else tuple(float(m) for m in margin)
         self.m1, self.m2, self.m3 = resolve_margin(margin)
         self.scale = float(scale)
         self.epsilon = float(epsilon)
+        self.sample_rate = float(sample_rate)
+        self.num_sample = min(num_classes, int(self.sample_rate * num_classes))
+        self.seed = seed
+        self.supports_jit = not self.sampling
         theta_switch = (math.pi - self.m2) / self.m1
         self._switch_theta = theta_switch if theta_switch < math.pi else None
         if self._switch_theta is not None:
@@ -96,6 +117,34 @@ class MarginHead(keras.layers.Layer):
             initializer=keras.initializers.RandomNormal(stddev=0.01),
             dtype="float32",
         )
+
+    @property
+    def sampling(self) -> bool:
+        """Whether training samples the centres (Partial FC), i.e. sample_rate < 1."""
+        return self.sample_rate < 1.0
+
+    def sample(self, labels, step):
+        """Partial FC draw: (sorted indices of the sampled centres, labels as positions in them).
+
+        The sample holds every class among the labels of all replicas plus random other classes,
+        max(int(sample_rate * num_classes), number of distinct labels) in all; `step` (an integer
+        scalar, e.g. the optimizer's iteration count) and `seed` fix the draw. Labels must lie in
+        [0, num_classes).
+        """
+        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        all_labels = labels
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            all_labels = context.all_gather(labels, axis=0)
+        positive = tf.scatter_nd(
+            all_labels[:, None], tf.ones_like(all_labels), (self.num_classes,)
+        ) > 0
+        size = tf.maximum(self.num_sample, tf.reduce_sum(tf.cast(positive, "int32")))
+        seed = tf.stack([tf.constant(self.seed, "int64"), tf.cast(step, "int64")])
+        scores = tf.random.stateless_uniform((self.num_classes,), seed=seed)
+        scores = tf.where(positive, 2.0, scores)
+        index = tf.sort(tf.math.top_k(scores, k=size, sorted=False).indices)
+        return index, tf.searchsorted(index, labels)
 
     def cosine(self, embeddings, centres=None):
         """cos(theta) between L2-normalised embeddings and centres (all centres by default)."""
@@ -142,5 +191,7 @@ class MarginHead(keras.layers.Layer):
             margin=self.margin,
             scale=self.scale,
             epsilon=self.epsilon,
+            sample_rate=self.sample_rate,
+            seed=self.seed,
         )
         return config

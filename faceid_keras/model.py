@@ -21,6 +21,16 @@ class ArcFaceModel(keras.Model):
     term; `accuracy` is top-1 on the plain cosine logits (no margin), the prediction a user makes.
     Under tf.distribute each replica divides by the global batch and gradients are summed across
     replicas by the optimizer, so N replicas with global batch B step like one replica with batch B.
+
+    Partial FC (`sample_rate` < 1, see `MarginHead.sample`): each training step draws the centres
+    from the labels of the whole global batch and `optimizer.iterations`, identically on every
+    replica, and gathers only those rows, so the centres' gradient is a `tf.IndexedSlices` over the
+    sample. The training `loss` and `accuracy` are then over the sampled classes. The weight decay
+    covers the sampled centres only, as in insightface's first Partial FC, which stepped only the
+    sampled rows (its Partial FC v2 leaves decay to torch SGD, which decays every row). Keras SGD
+    keeps one dense momentum, so an unsampled row still moves by its decaying momentum, as in v2
+    (the first version kept the momentum of unsampled rows aside, frozen). `call`, `evaluate` and
+    `predict` always use all centres. sample_rate=1.0 is the plain full head, step for step.
     """
 
     def __init__(
@@ -34,6 +44,7 @@ class ArcFaceModel(keras.Model):
         norm: str = "batch",
         dropout: float = 0.0,
         weight_decay: float = 5e-4,
+        sample_rate: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -60,7 +71,10 @@ class ArcFaceModel(keras.Model):
         self.norm = norm
         self.dropout = dropout
         self.weight_decay = float(weight_decay)
-        self.head = MarginHead(num_classes, margin=margin, scale=scale, name="margin_head")
+        self.head = MarginHead(
+            num_classes, margin=margin, scale=scale, sample_rate=sample_rate, name="margin_head"
+        )
+        self.sample_rate = self.head.sample_rate
         self.normalize = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")
         self.head.build((None, self.embedding_size))
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -85,25 +99,51 @@ class ArcFaceModel(keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def _forward(self, images, labels, training):
-        """Per-replica (cross-entropy + regularisation) loss scaled for gradient summing, and cosines."""
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds the optimizer before `fit`/`evaluate` without averaging a batch over replicas.
+
+        Keras's version (3.15) reduces the first (images, labels) batch across replicas to trace
+        the model, which fails under MultiWorkerMirroredStrategy (a nested batch cannot be
+        all-reduced). This model and its metrics are built in `__init__`, so without compiled
+        losses or metrics only the optimizer is left to build.
+        """
+        compiled_extras = self._compile_loss is not None or self._compile_metrics is not None
+        if self._distribute_strategy is None or compiled_extras:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        with self.distribute_strategy.scope():
+            self._symbolic_build()
+
+    def _forward(self, images, labels, training, sample=False):
+        """Per-replica (cross-entropy + regularisation) loss scaled for gradient summing, cosines,
+        the labels they refer to, replicas, and the gathered centres when the head is sampled."""
         embeddings = self.backbone(images, training=training)
-        cosine = self.head.cosine(embeddings)
-        logits = self.head.margin_logits(cosine, labels)
         labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        centres = None
+        if sample:
+            index, labels = self.head.sample(labels, self.optimizer.iterations)
+            centres = tf.gather(self.head.centres.value, index)
+        cosine = self.head.cosine(embeddings, centres)
+        logits = self.head.margin_logits(cosine, labels)
         cross_entropy = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         global_batch = ops.cast(ops.shape(labels)[0] * replicas, "float32")
         loss = ops.sum(cross_entropy) / global_batch
         if self.losses:
             loss = loss + ops.sum(ops.stack([ops.cast(x, "float32") for x in self.losses])) / replicas
-        return loss, cosine, replicas
+        return loss, cosine, labels, replicas, centres
 
     def _track(self, loss, cosine, labels, replicas):
         batch = ops.shape(cosine)[0]
         self.loss_tracker.update_state(loss * replicas, sample_weight=batch)
-        self.accuracy_tracker.update_state(ops.reshape(labels, (-1,)), cosine)
-        return {m.name: m.result() for m in self.metrics}
+        self.accuracy_tracker.update_state(labels, cosine)
+        logs = {m.name: m.result() for m in self.metrics}
+        strategy = tf.distribute.get_strategy()
+        multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        if multi_worker and strategy.extended._in_multi_worker_mode():
+            # Keras 3 reduces each log over workers with strategy.reduce("MEAN", axis=0), which
+            # needs an axis (tensorflow/tensorflow#72388): give every replica's value one.
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs
 
     @staticmethod
     def _unpack(data):
@@ -118,10 +158,15 @@ class ArcFaceModel(keras.Model):
         images, labels = self._unpack(data)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            loss, cosine, replicas = self._forward(images, labels, training=True)
+            loss, cosine, labels, replicas, centres = self._forward(
+                images, labels, training=True, sample=self.head.sampling
+            )
             objective = loss
             if self.weight_decay:
-                decay = ops.sum(ops.stack([ops.sum(ops.square(ops.cast(v, "float32"))) for v in variables]))
+                decayed = [v for v in variables if centres is None or v is not self.head.centres]
+                if centres is not None:
+                    decayed.append(centres)
+                decay = ops.sum(ops.stack([ops.sum(ops.square(ops.cast(v, "float32"))) for v in decayed]))
                 objective = objective + 0.5 * self.weight_decay * decay / replicas
             objective = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(objective, variables)
@@ -130,7 +175,7 @@ class ArcFaceModel(keras.Model):
 
     def test_step(self, data):
         images, labels = self._unpack(data)
-        loss, cosine, replicas = self._forward(images, labels, training=False)
+        loss, cosine, labels, replicas, _ = self._forward(images, labels, training=False)
         return self._track(loss, cosine, labels, replicas)
 
     def embedding_model(self) -> keras.Model:
@@ -151,6 +196,7 @@ class ArcFaceModel(keras.Model):
             norm=self.norm,
             dropout=self.dropout,
             weight_decay=self.weight_decay,
+            sample_rate=self.sample_rate,
         )
         return config
 

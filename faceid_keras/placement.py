@@ -18,6 +18,17 @@ leaves it alone. On NPU there is one process per device and no strategy: `distri
 shards the record stream for this process and returns the per-process batch size, and the
 optimizer all-reduces gradients.
 
+Several processes (MultiWorkerMirroredStrategy from TF_CONFIG, or NPU ranks): every process runs
+the same `fit`, and only the chief (`is_chief`: the TF_CONFIG task of type "chief", or worker 0
+when the cluster has no chief; NPU rank 0) may write shared files. Keras 3 callbacks do not know
+about workers (ModelCheckpoint, BackupAndRestore, CSVLogger and TensorBoard write from every
+process to the same path), so give the pure writers (CSVLogger, TensorBoard) to the chief only.
+Saving an ArcFaceModel (`save`, `save_weights`) reads only mirrored variables, with no collective
+op, so the chief may save alone. A callback that every worker must keep (a checkpoint callback)
+or a save that reads sync-on-read variables (a collective op every worker must join) writes
+into `output_dir(path)` on every worker: the path itself on the chief, a private temporary
+folder, deleted afterwards, elsewhere.
+
 Precision: "fp32", "mixed_float16" or "mixed_bfloat16". On tf.distribute devices it becomes the
 global Keras dtype policy (float32 / mixed_float16 / mixed_bfloat16), so create the placement
 before the model. float16 gets dynamic loss scaling: `wrap_optimizer` wraps the optimizer in a
@@ -33,7 +44,9 @@ import contextlib
 import importlib
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -65,6 +78,7 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 
 
 def _tf_config_workers() -> int:
+    """Training processes TF_CONFIG names: its chief plus its workers (0 without TF_CONFIG)."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         return 0
@@ -72,7 +86,8 @@ def _tf_config_workers() -> int:
         config = json.loads(raw)
     except json.JSONDecodeError as error:
         raise ValueError(f"Environment variable TF_CONFIG is not valid JSON: {error}.") from None
-    return len(config.get("cluster", {}).get("worker", []))
+    cluster = config.get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
 
 
 def _import_npu_device():
@@ -155,14 +170,16 @@ class Placement:
                     "device='npu' but `npu_device` does not import: install the CANN TensorFlow "
                     "adapter (TF 2.13 / tf.keras) and source the CANN environment."
                 )
-        gpus = tf.config.list_logical_devices("GPU")
+        # Physical devices: listing them leaves the runtime uninitialised, which
+        # MultiWorkerMirroredStrategy needs (it configures collective ops at startup).
+        gpus = tf.config.list_physical_devices("GPU")
         if device == "gpu" and not gpus and not devices:
             raise RuntimeError("device='gpu' but TensorFlow sees no GPU.")
         kind = "gpu" if device == "gpu" or (device == "auto" and gpus) else "cpu"
-        return cls(kind, precision, strategy=cls._make_strategy(kind, gpus, devices))
+        return cls(kind, precision, strategy=cls._make_strategy(kind, devices))
 
     @staticmethod
-    def _make_strategy(kind: str, gpus: list, devices: Sequence[str] | None) -> tf.distribute.Strategy:
+    def _make_strategy(kind: str, devices: Sequence[str] | None) -> tf.distribute.Strategy:
         if _tf_config_workers() > 1:
             return tf.distribute.MultiWorkerMirroredStrategy()
         if devices:
@@ -171,6 +188,7 @@ class Placement:
                 return tf.distribute.MirroredStrategy(devices)
             return tf.distribute.OneDeviceStrategy(devices[0])
         if kind == "gpu":
+            gpus = tf.config.list_logical_devices("GPU")
             if len(gpus) > 1:
                 return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
             return tf.distribute.OneDeviceStrategy(gpus[0].name)
@@ -182,6 +200,55 @@ class Placement:
         if self._npu is not None:
             return self.rank_size
         return self.strategy.num_replicas_in_sync
+
+    def _cluster_resolver(self):
+        """The strategy's cluster resolver when it spans a TF_CONFIG cluster, else None."""
+        resolver = None if self._npu is not None else getattr(self.strategy, "cluster_resolver", None)
+        if resolver is None or not resolver.cluster_spec().jobs:
+            return None
+        return resolver
+
+    @property
+    def task(self) -> tuple[str, int]:
+        """(task type, index) of this process: from TF_CONFIG under MultiWorkerMirroredStrategy,
+        ("worker", RANK_ID) on NPU, else ("worker", 0)."""
+        if self._npu is not None:
+            return "worker", self.rank_id
+        resolver = self._cluster_resolver()
+        if resolver is None:
+            return "worker", 0
+        return resolver.task_type or "worker", int(resolver.task_id or 0)
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes checkpoints and logs: task "chief", or worker 0 when the
+        cluster has no chief (NPU: rank 0). A single process is always the chief."""
+        task_type, task_id = self.task
+        if task_type == "chief":
+            return True
+        if task_type != "worker" or task_id != 0:
+            return False
+        resolver = self._cluster_resolver()
+        return resolver is None or "chief" not in resolver.cluster_spec().jobs
+
+    @contextlib.contextmanager
+    def output_dir(self, path: str | os.PathLike) -> Iterator[str]:
+        """Folder for a write every process must run in step: `path` (created) on the chief, a
+        fresh private temporary folder elsewhere, removed with its contents when the block ends.
+
+            with placement.output_dir(model_dir) as folder:
+                model.save(os.path.join(folder, "model.keras"))
+        """
+        if self.is_chief:
+            os.makedirs(path, exist_ok=True)
+            yield os.fspath(path)
+            return
+        task_type, task_id = self.task
+        folder = tempfile.mkdtemp(prefix=f"faceid-{task_type}{task_id}-")
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @property
     def loss_scaling(self) -> bool:
