@@ -7,6 +7,12 @@ Prints both rates and their ratio; the target is a ratio of at least 0.9.
 
     python bench/input_pipeline.py [--identities 100] [--per-identity 30] [--batch-size 64]
                                    [--rounds 5] [--shuffle-buffer 20000]
+    python bench/input_pipeline.py --epochs 10   # memory: RSS after each epoch, growth bounded
+
+With `--epochs N` it instead runs N passes of one `train_dataset` and prints the resident memory
+after each; it fails if the peak RSS of the second half of the epochs exceeds the peak of the
+first half by more than `--max-growth` (default 5%). The allocator's arenas fill over the first
+few epochs and then fluctuate by a few percent; a leak keeps growing and fails the bound.
 
 A shuffle buffer as large as this small dataset makes each pass read every record before the
 first batch; on full MS1M that fill is a tiny part of an epoch.
@@ -46,6 +52,22 @@ def compare(ours: tf.data.Dataset, reference: tf.data.Dataset, batch_size: int, 
     return best_ours, best_reference
 
 
+def rss_mib() -> float:
+    """Current resident set size of this process in MiB (Linux /proc)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def epoch_memory(dataset: tf.data.Dataset, epochs: int) -> list[float]:
+    """RSS after each full pass over `dataset` (each pass is a fresh, reshuffled epoch)."""
+    sizes = []
+    for epoch in range(1, epochs + 1):
+        batches = sum(1 for _ in dataset)
+        sizes.append(rss_mib())
+        print(f"epoch {epoch}: {batches} batches, RSS {sizes[-1]:8.1f} MiB", flush=True)
+    return sizes
+
+
 def decode_only(jpegs: list[bytes], batch_size: int) -> tf.data.Dataset:
     """The reference: in-memory JPEG bytes, parallel decode, batch; nothing else."""
     return (
@@ -63,13 +85,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--shuffle-buffer", type=int, default=data.DEFAULT_SHUFFLE_BUFFER)
+    parser.add_argument("--epochs", type=int, default=0, help="memory mode: passes to run (>= 4)")
+    parser.add_argument("--max-growth", type=float, default=0.05, help="memory mode: allowed RSS growth")
     args = parser.parse_args()
+    if args.epochs and args.epochs < 4:
+        parser.error("--epochs must be >= 4 (the second half of the epochs is compared with the first)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "faces")
         data_dir = os.path.join(tmp, "tfds")
         synthetic.write_dataset(folder, args.identities, args.per_identity, image_size=112, targets=())
         builder = tfds.builder("ms1m_arcface", data_dir=data_dir)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=folder))
+        if args.epochs:
+            pipeline = data.train_dataset(data_dir, args.batch_size, shuffle_buffer=args.shuffle_buffer, seed=0)
+            sizes = epoch_memory(pipeline, args.epochs)
+            half = args.epochs // 2
+            growth = max(sizes[half:]) / max(sizes[:half]) - 1
+            print(f"peak RSS of epochs {half + 1}-{args.epochs} vs epochs 1-{half}: {100 * growth:+.2f}% "
+                  f"(bound {100 * args.max_growth:.0f}%)")
+            if growth > args.max_growth:
+                raise SystemExit(f"input pipeline memory grew {100 * growth:.2f}% over {args.epochs - 2} epochs")
+            return
         records = builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
         jpegs = [r["image"].numpy() for r in records]
         reference = decode_only(jpegs, args.batch_size)
