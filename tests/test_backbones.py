@@ -122,3 +122,27 @@ def test_batch_renorm_config_round_trip():
     assert (clone.rmax, clone.dmax, clone.renorm_momentum, clone.scale) == (2.0, 1.0, 0.9, False)
     with pytest.raises(ValueError, match="rmax"):
         BatchRenormalization(rmax=0.5)
+
+
+@pytest.mark.parametrize("groups,channels,filters,strides", [(64, 128, 128, 1), (4, 8, 12, 2), (1, 3, 5, 1)])
+def test_grouped_conv_equals_keras_grouped_conv2d(groups, channels, filters, strides):
+    from faceid_keras.backbones.layers import GroupedConv2D
+
+    rng = np.random.default_rng(groups)
+    images = rng.standard_normal((2, 9, 11, channels)).astype("float32")
+    reference = keras.layers.Conv2D(filters, 3, strides, groups=groups, use_bias=False)
+    expected = reference(images).numpy()
+    grouped = reference.kernel.numpy()  # (3, 3, channels / groups, filters)
+    per_group, outputs = channels // groups, filters // groups
+    kernel = np.empty((3, 3, channels, outputs), "float32")
+    for c in range(channels):
+        g, r = divmod(c, per_group)
+        kernel[:, :, c, :] = grouped[:, :, r, g * outputs : (g + 1) * outputs]
+    layer = GroupedConv2D(filters, 3, strides, groups=groups)
+    layer.build(images.shape)
+    layer.kernel.assign(kernel)
+    actual = layer(images).numpy()
+    assert actual.shape == expected.shape == tuple(layer.compute_output_shape(images.shape))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    assert GroupedConv2D.from_config(layer.get_config()).get_config() == layer.get_config()
+    assert layer.count_params() == reference.count_params()
