@@ -28,11 +28,13 @@ def test_parser_takes_the_seed_flags_and_defaults():
     assert args.func is train.run
     assert _parse("--margin", "1,0,0.35").margin == (1.0, 0.0, 0.35)
     assert _parse("--lr_steps", "2,4.5").lr_steps == (2.0, 4.5)
+    assert (args.sample_rate, args.jit_compile) == (1.0, "auto")
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--margin", "sphere"], ["--batch_size", "0"], ["--steps", "-1"], ["--lr_steps", "4,2"], ["--precision", "fp8"]],
+    [["--margin", "sphere"], ["--batch_size", "0"], ["--steps", "-1"], ["--lr_steps", "4,2"], ["--precision", "fp8"],
+     ["--sample_rate", "0"], ["--sample_rate", "1.5"], ["--jit_compile", "yes"]],
 )
 def test_parser_rejects_bad_values(argv, capsys):
     with pytest.raises(SystemExit):
@@ -112,7 +114,8 @@ def _summary(text):
 def test_train_end_to_end_saves_models_logs_and_summary(tfds_data_dir, tmp_path, capsys):
     model_dir = tmp_path / "run"
     status = cli.main(["train", "--data_path", str(tfds_data_dir), "--model_dir", str(model_dir),
-                       "--train_epochs", "2", "--steps", "2", "--targets", "lfw,calfw", *TINY])
+                       "--train_epochs", "2", "--steps", "2", "--targets", "lfw,calfw",
+                       "--sample_rate", "0.5", "--jit_compile", "false", *TINY])
     out = capsys.readouterr().out
     assert status == 0
     assert "Warning: verification target 'calfw' not found" in out
@@ -132,6 +135,7 @@ def test_train_end_to_end_saves_models_logs_and_summary(tfds_data_dir, tmp_path,
 
     model = keras.models.load_model(model_dir / train.MODEL_FILE)
     assert int(model.optimizer.iterations) == 4
+    assert model.sample_rate == 0.5 and model.head.sample_rate == 0.5
     embedder = keras.models.load_model(model_dir / train.EMBEDDING_FILE)
     images = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
     embeddings = embedder.predict(images, verbose=0)
