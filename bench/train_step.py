@@ -197,10 +197,12 @@ def compare(args: argparse.Namespace) -> None:
 def forward_flops(model) -> tuple[int, dict]:
     """Forward FLOPs per image of a functional model: convs 2*Ho*Wo*K*K*Cin*Cout/groups, dense 2*in*out.
 
-    Counts multiply-adds of Conv2D, DepthwiseConv2D and Dense layers (nested models included);
+    Counts multiply-adds of Conv2D, DepthwiseConv2D, GroupedConv2D and Dense layers (nested models included);
     normalisation, activations and additions are left out, as the usual FLOP figures do.
     """
     import keras
+
+    from faceid_keras.backbones.layers import GroupedConv2D
 
     totals: dict[str, int] = {}
 
@@ -209,10 +211,10 @@ def forward_flops(model) -> tuple[int, dict]:
             for inner in layer.layers:
                 visit(inner)
             return
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, GroupedConv2D)):
             _, in_h, in_w, cin = layer.input.shape
             _, out_h, out_w, cout = layer.output.shape
-            kh, kw = layer.kernel_size
+            kh, kw = layer.kernel_size if not isinstance(layer, GroupedConv2D) else (layer.kernel_size,) * 2
             groups = cin if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.groups
             flops = 2 * out_h * out_w * kh * kw * cin * cout // groups
             kind = "depthwise" if groups == cin and groups > 1 else "conv"
