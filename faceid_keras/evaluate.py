@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 # Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
 # keras.models.load_model needs no custom_objects.
 from faceid_keras import verification
+from faceid_keras.cli import positive_int
 
 
 def format_table(results: Mapping[str, dict]) -> str:
@@ -89,17 +90,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=",".join(verification.DEFAULT_TARGETS),
         help="comma-separated verification targets (default: %(default)s)",
     )
-    parser.add_argument("--batch_size", type=_positive_int, default=64, help="embedding batch size")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="embedding batch size")
     parser.add_argument("--roc-plot", dest="roc_plot", metavar="FILE.png", help="write ROC curves here")
     parser.set_defaults(func=run)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -33,6 +33,7 @@ import tfds_ms1m
 from callbacks import ThroughputLogger, VerificationCallback
 from faceid_keras import backbones, data, schedules, verification
 from faceid_keras.backup import TrainingBackup
+from faceid_keras.cli import positive_int
 from faceid_keras.model import ArcFaceModel
 from faceid_keras.placement import DEVICES, PRECISIONS, Placement
 from tfds_ms1m.binpack import VERIFICATION_TARGETS
@@ -42,13 +43,6 @@ MODEL_FILE = "model.keras"
 EMBEDDING_FILE = "embedding.keras"
 CSV_FILE = "training_log.csv"
 JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -103,13 +97,13 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       "(train.rec, train.idx, property, *.bin) to build first")
     data.add_argument("--tfds_data_dir", default=None,
                       help="where an insightface --data_path is built (default: <model_dir>/tfds)")
-    data.add_argument("--image_size", type=_positive_int, default=None,
+    data.add_argument("--image_size", type=positive_int, default=None,
                       help="train and verify at this square size (default: the dataset's size)")
     data.add_argument("--shuffle_buffer", type=_non_negative_int, default=20_000,
                       help="examples in the shuffle buffer (default: %(default)s)")
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=list(backbones.BACKBONES), default="iresnet50")
-    model.add_argument("--embedding_size", type=_positive_int, default=512)
+    model.add_argument("--embedding_size", type=positive_int, default=512)
     model.add_argument("--norm", choices=list(backbones.NORMS), default="batch", help="backbone normalisation")
     model.add_argument("--dropout", type=_non_negative_float, default=0.0, help="dropout before the embedding")
     model.add_argument("--margin", type=_margin, default="arcface",
@@ -118,8 +112,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--sample_rate", type=_fraction, default=1.0,
                        help="Partial FC: fraction of class centres sampled each step (default: 1, all)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_epochs", type=_positive_int, default=20)
-    optim.add_argument("--batch_size", type=_positive_int, default=128, help="batch size per replica")
+    optim.add_argument("--train_epochs", type=positive_int, default=20)
+    optim.add_argument("--batch_size", type=positive_int, default=128, help="batch size per replica")
     optim.add_argument("--steps", type=_non_negative_int, default=0,
                        help="cap on the steps of each epoch; 0 trains full epochs (default)")
     optim.add_argument("--lr", type=_non_negative_float, default=0.1, help="peak learning rate of SGD")
@@ -142,7 +136,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                            help="comma-separated verification targets run after each epoch; missing "
                            "ones are skipped with a warning; 'none' turns verification off "
                            "(default: %(default)s)")
-    run_group.add_argument("--backup_steps", type=_positive_int, default=1000,
+    run_group.add_argument("--backup_steps", type=positive_int, default=1000,
                            help="back up the training state every this many steps (default: %(default)s)")
     run_group.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     run_group.add_argument("--jit_compile", choices=tuple(JIT_COMPILE), default="auto",

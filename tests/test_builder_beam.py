@@ -16,6 +16,7 @@ from tensorflow_datasets.core import hashing
 
 import tfds_ms1m
 from tfds_ms1m import recordio, synthetic
+from test_builder import _rewrite_train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tfds_ms1m.__file__)))
 
@@ -90,14 +91,6 @@ def test_beam_build_two_processes_command_line(synthetic_folder, tfds_data_dir, 
     assert _stored_train(out) == _stored_train(tfds_data_dir)
     assert _stored_train(out)[0] == _source_in_key_hash_order(synthetic_folder)
     assert tfds.builder("ms1m_arcface", data_dir=str(out)).info.features["label"].num_classes == 8
-
-
-def _rewrite_train(folder, mutate):
-    with recordio.RecordReader(folder / "train.rec") as reader:
-        records = [(k, mutate(k, p)) for k, p in reader]
-    with recordio.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
-        for key, payload in records:
-            writer.write(key, payload)
 
 
 @pytest.mark.parametrize(
