@@ -4,9 +4,11 @@ dataset without its source folder, and bad input that must fail without leaving 
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -101,6 +103,37 @@ def test_load_built_dataset_without_manual_dir(tmp_path):
     assert list(info.splits) == ["agedb_30"] and info.splits["agedb_30"].num_examples == 20
     # A second download_and_prepare reuses the data and needs no manual dir.
     builder.download_and_prepare()
+
+
+def test_any_record_layout_builds_the_same_examples(tmp_path):
+    # Records out of key order, split into parts (the magic inside the data), larger than a read
+    # block, or straddling block ends: all come out as the per-key reads give them.
+    rng = np.random.default_rng(0)
+    magic = struct.pack("<I", recordio.MAGIC)
+    sizes = [300_000] * 6 + [1_500_000] + [40] * 5
+    images = {}
+    for key, size in enumerate(sizes, start=1):
+        body = bytearray(rng.integers(0, 256, size, dtype=np.uint8).tobytes().replace(magic, b"\0" * 4))
+        if key % 3 == 0:
+            body[14:18] = magic  # 4-aligned in the payload: 32-byte header + 2 SOI bytes + 14
+        images[key] = b"\xff\xd8" + bytes(body) + b"\xff\xd9"
+    n = len(sizes)
+    order = [1, 2, 3, 4, 5, 6, 7, 12, 8, 10, 9, 11]
+    folder = tmp_path / "src"
+    folder.mkdir()
+    with recordio.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
+        for key in order:
+            writer.write(key, recordio.pack_record([key % 4, 1], images[key]))
+        for c in range(4):
+            writer.write(n + 1 + c, recordio.pack_record([1, 2], b""))
+        writer.write(0, recordio.pack_record([n + 1, n + 5], b""))
+    recordio.write_property(folder, 4, 8, 8)
+    # 17 records, 4 of them written in two parts: every part starts with the magic.
+    assert (folder / "train.rec").read_bytes().count(magic) == 17 + 4
+    expected = [(key, key % 4, images[key]) for key in range(1, n + 1)]
+    assert list(recordio.iter_images(folder)) == expected
+    _build(folder, tmp_path / "data")
+    assert _raw_train(tmp_path / "data") == sorted((jpeg, label) for _, label, jpeg in expected)
 
 
 def _rewrite_train(folder, mutate):

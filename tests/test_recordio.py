@@ -166,3 +166,29 @@ def test_missing_idx_and_rec(tmp_path):
         recordio.RecordReader(rec)
     with pytest.raises(FileNotFoundError, match=r"train\.rec"):
         list(recordio.iter_images(tmp_path))
+
+
+def test_read_many_equals_read_in_any_order(tmp_path):
+    rng = np.random.default_rng(0)
+    # Small records, one larger than a read block, and one split around aligned magic numbers.
+    payloads = {k: rng.bytes(int(rng.integers(1, 300))) for k in range(40)}
+    payloads[17] = rng.bytes((1 << 20) + 5)
+    payloads[23] = b"abcd" + MAGIC + b"efgh" + MAGIC + b"ij"
+    rec, idx = _write(tmp_path, payloads.items())
+    with recordio.RecordReader(rec, idx) as r:
+        for keys in (list(range(40)), rng.permutation(40).tolist(), [5, 6, 7, 3, 4, 30, 31], []):
+            assert list(r.read_many(keys)) == [(k, payloads[k]) for k in keys]
+        with pytest.raises(KeyError, match="key 99"):
+            list(r.read_many([1, 99]))
+
+
+def test_unpack_image_equals_unpack_record():
+    for label in (7.0, [3.0, 1.0, 2.0]):
+        payload = recordio.pack_record(label, b"\xff\xd8jpeg")
+        want_label, want_image = recordio.unpack_record(payload)
+        assert recordio.unpack_image(payload) == (int(want_label[0]), want_image)
+    with pytest.raises(recordio.RecordIOError, match="key 4: 10 bytes, too short"):
+        recordio.unpack_image(b"\0" * 10, "x.rec: key 4")
+    short = struct.pack("<IfQQ", 5, 0.0, 0, 0) + b"\0" * 8
+    with pytest.raises(recordio.RecordIOError, match="flag 5 announces 5 labels"):
+        recordio.unpack_image(short)
