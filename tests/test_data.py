@@ -87,6 +87,25 @@ def test_same_seed_same_batches_and_each_epoch_reshuffles(tfds_data_dir):
     np.testing.assert_array_equal(_collect(second)[0], images_next)
 
 
+@pytest.mark.parametrize("skip", [1, 3])
+def test_skip_batches_gives_the_tail_of_the_unskipped_pass(tfds_data_dir, skip):
+    full = data.train_dataset(str(tfds_data_dir), batch_size=8, shuffle_buffer=100, seed=5)
+    _, _, full_batches = _collect(full)
+    resumed = data.train_dataset(
+        str(tfds_data_dir), batch_size=8, shuffle_buffer=100, seed=5, skip_batches=skip
+    )
+    _, _, resumed_batches = _collect(resumed)
+    assert len(resumed_batches) == len(full_batches) - skip
+    for (images, labels), (expected_images, expected_labels) in zip(
+        resumed_batches, full_batches[skip:]
+    ):
+        np.testing.assert_array_equal(labels, expected_labels)
+        np.testing.assert_array_equal(images, expected_images)
+    # Resuming past the end of the pass yields nothing rather than failing.
+    past_end = data.train_dataset(str(tfds_data_dir), batch_size=8, seed=5, skip_batches=100)
+    assert sum(1 for _ in past_end) == 0
+
+
 def test_image_size_resizes(tfds_data_dir):
     dataset = data.train_dataset(str(tfds_data_dir), batch_size=4, image_size=(16, 20), seed=0)
     assert dataset.element_spec[0].shape == (4, 16, 20, 3)
@@ -114,7 +133,13 @@ def test_placement_shards_records_and_sets_the_local_batch(tfds_data_dir):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"split": "validation"}, {"batch_size": 0}, {"shuffle_buffer": -1}, {"image_size": (16,)}],
+    [
+        {"split": "validation"},
+        {"batch_size": 0},
+        {"shuffle_buffer": -1},
+        {"image_size": (16,)},
+        {"skip_batches": -1},
+    ],
 )
 def test_bad_arguments_raise(tfds_data_dir, kwargs):
     arguments = {"batch_size": 4, **kwargs}
