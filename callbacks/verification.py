@@ -23,7 +23,9 @@ class VerificationCallback(keras.callbacks.Callback):
     callback before those that read these logs (ModelCheckpoint, CSVLogger, TensorBoard, ...), and
     give Keras's monitoring callbacks ``mode="max"``: they cannot infer the direction of a log key
     that is not a compiled metric, e.g.
-    ``ModelCheckpoint("best.keras", monitor="lfw_accuracy", mode="max", save_best_only=True)``.
+    ``ModelCheckpoint("best.keras", monitor="lfw_accuracy", mode="max", save_best_only=True)``
+    (Keras 2.13's ModelCheckpoint cannot save the best model as `.keras`: use `save_best` here,
+    or a `.weights.h5` path with `save_weights_only=True`).
 
     Args:
         targets: mapping name -> (uint8 images [2N, H, W, 3], bool issame [N]), or a data path

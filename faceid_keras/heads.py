@@ -5,7 +5,8 @@ import math
 
 import keras
 import tensorflow as tf
-from keras import ops
+
+from faceid_keras import compat
 
 MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
     "arcface": (1.0, 0.5, 0.0),
@@ -79,9 +80,9 @@ class MarginHead(keras.layers.Layer):
         **kwargs,
     ):
         dtype = kwargs.pop("dtype", None)
-        if dtype is not None and keras.dtype_policies.get(dtype).name != "float32":
+        if dtype is not None and compat.dtype_policy_name(dtype) != "float32":
             raise ValueError(
-                f"MarginHead always computes in float32; got dtype {keras.dtype_policies.get(dtype).name!r}."
+                f"MarginHead always computes in float32; got dtype {compat.dtype_policy_name(dtype)!r}."
             )
         super().__init__(dtype="float32", **kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -117,6 +118,7 @@ class MarginHead(keras.layers.Layer):
             initializer=keras.initializers.RandomNormal(stddev=0.01),
             dtype="float32",
         )
+        super().build(input_shape)
 
     @property
     def sampling(self) -> bool:
@@ -131,7 +133,7 @@ class MarginHead(keras.layers.Layer):
         scalar, e.g. the optimizer's iteration count) and `seed` fix the draw. Labels must lie in
         [0, num_classes).
         """
-        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
         all_labels = labels
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
@@ -149,30 +151,30 @@ class MarginHead(keras.layers.Layer):
     def cosine(self, embeddings, centres=None):
         """cos(theta) between L2-normalised embeddings and centres (all centres by default)."""
         centres = self.centres if centres is None else centres
-        embeddings = ops.normalize(ops.cast(embeddings, "float32"), axis=-1, epsilon=1e-12)
-        centres = ops.normalize(ops.cast(centres, "float32"), axis=-1, epsilon=1e-12)
-        cosine = ops.matmul(embeddings, ops.transpose(centres))
-        return ops.clip(cosine, -1.0 + self.epsilon, 1.0 - self.epsilon)
+        embeddings = tf.math.l2_normalize(tf.cast(embeddings, "float32"), axis=-1, epsilon=1e-12)
+        centres = tf.math.l2_normalize(tf.cast(centres, "float32"), axis=-1, epsilon=1e-12)
+        cosine = tf.matmul(embeddings, centres, transpose_b=True)
+        return tf.clip_by_value(cosine, -1.0 + self.epsilon, 1.0 - self.epsilon)
 
     def target_logit(self, cosine):
         """Unscaled margin logit cos(m1*theta + m2) - m3 (with the monotonic fallback)."""
         if self.m1 == 1.0 and self.m2 == 0.0:
             return cosine - self.m3
-        theta = ops.arccos(cosine)
-        margin_form = ops.cos(self.m1 * theta + self.m2) - self.m3
+        theta = tf.acos(cosine)
+        margin_form = tf.cos(self.m1 * theta + self.m2) - self.m3
         if self._switch_theta is None:
             return margin_form
         fallback = cosine - self.m3 - self._fallback_penalty
-        return ops.where(cosine > self._switch_cos, margin_form, fallback)
+        return tf.where(cosine > self._switch_cos, margin_form, fallback)
 
     def margin_logits(self, cosine, labels):
         """Scaled logits from clipped cosines (batch x classes): margin on each label's column."""
-        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-        one_hot = ops.one_hot(labels, ops.shape(cosine)[-1], dtype="float32")
-        target_cosine = ops.clip(
-            ops.sum(cosine * one_hot, axis=-1, keepdims=True), -1.0 + self.epsilon, 1.0 - self.epsilon
+        labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
+        one_hot = tf.one_hot(labels, tf.shape(cosine)[-1], dtype="float32")
+        target_cosine = tf.clip_by_value(
+            tf.reduce_sum(cosine * one_hot, axis=-1, keepdims=True), -1.0 + self.epsilon, 1.0 - self.epsilon
         )
-        logits = ops.where(one_hot > 0, self.target_logit(target_cosine), cosine)
+        logits = tf.where(one_hot > 0, self.target_logit(target_cosine), cosine)
         return logits * self.scale
 
     def call(self, embeddings, labels=None):

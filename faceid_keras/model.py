@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras import ops
-
-from faceid_keras import backbones
+from faceid_keras import backbones, compat
 from faceid_keras.heads import MarginHead
 
 
@@ -79,7 +77,7 @@ class ArcFaceModel(keras.Model):
         self.head.build((None, self.embedding_size))
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        self(ops.zeros((1,) + self.image_shape))
+        self(tf.zeros((1,) + self.image_shape))
 
     def call(self, images, training=None):
         return self.normalize(self.backbone(images, training=training))
@@ -117,33 +115,26 @@ class ArcFaceModel(keras.Model):
         """Per-replica (cross-entropy + regularisation) loss scaled for gradient summing, cosines,
         the labels they refer to, replicas, and the gathered centres when the head is sampled."""
         embeddings = self.backbone(images, training=training)
-        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
         centres = None
         if sample:
             index, labels = self.head.sample(labels, self.optimizer.iterations)
-            centres = tf.gather(self.head.centres.value, index)
+            centres = tf.gather(compat.variable_tensor(self.head.centres), index)
         cosine = self.head.cosine(embeddings, centres)
         logits = self.head.margin_logits(cosine, labels)
         cross_entropy = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = ops.cast(ops.shape(labels)[0] * replicas, "float32")
-        loss = ops.sum(cross_entropy) / global_batch
+        global_batch = tf.cast(tf.shape(labels)[0] * replicas, "float32")
+        loss = tf.reduce_sum(cross_entropy) / global_batch
         if self.losses:
-            loss = loss + ops.sum(ops.stack([ops.cast(x, "float32") for x in self.losses])) / replicas
+            loss = loss + tf.add_n([tf.cast(x, "float32") for x in self.losses]) / replicas
         return loss, cosine, labels, replicas, centres
 
     def _track(self, loss, cosine, labels, replicas):
-        batch = ops.shape(cosine)[0]
+        batch = tf.shape(cosine)[0]
         self.loss_tracker.update_state(loss * replicas, sample_weight=batch)
         self.accuracy_tracker.update_state(labels, cosine)
-        logs = {m.name: m.result() for m in self.metrics}
-        strategy = tf.distribute.get_strategy()
-        multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        if multi_worker and strategy.extended._in_multi_worker_mode():
-            # Keras 3 reduces each log over workers with strategy.reduce("MEAN", axis=0), which
-            # needs an axis (tensorflow/tensorflow#72388): give every replica's value one.
-            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
-        return logs
+        return compat.per_replica_logs({m.name: m.result() for m in self.metrics})
 
     @staticmethod
     def _unpack(data):
@@ -166,11 +157,11 @@ class ArcFaceModel(keras.Model):
                 decayed = [v for v in variables if centres is None or v is not self.head.centres]
                 if centres is not None:
                     decayed.append(centres)
-                decay = ops.sum(ops.stack([ops.sum(ops.square(ops.cast(v, "float32"))) for v in decayed]))
+                decay = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, "float32"))) for v in decayed])
                 objective = objective + 0.5 * self.weight_decay * decay / replicas
-            objective = self.optimizer.scale_loss(objective)
+            objective = compat.scale_loss(self.optimizer, objective)
         gradients = tape.gradient(objective, variables)
-        self.optimizer.apply(gradients, variables)
+        compat.apply_gradients(self.optimizer, gradients, variables)
         return self._track(loss, cosine, labels, replicas)
 
     def test_step(self, data):

@@ -1,6 +1,6 @@
 """Where training runs: one object that picks the devices, the precision and the loss scaling.
 
-`Placement.create(device="auto", precision="fp32")` chooses, in order: an Ascend NPU when the
+`Placement.create(device="auto", precision=None)` chooses, in order: an Ascend NPU when the
 CANN adapter `npu_device` imports; tf.distribute over the visible GPUs (MultiWorkerMirroredStrategy
 when TF_CONFIG names several workers, MirroredStrategy for several GPUs, OneDeviceStrategy for
 one); else the CPU. Usage, the same on every device:
@@ -12,28 +12,28 @@ one); else the CPU. Usage, the same on every device:
     dataset = faceid_keras.data.train_dataset(data_dir, global_batch, placement=placement)
     model.fit(dataset, callbacks=placement.callbacks())
 
-Datasets: under tf.distribute, Keras `fit` distributes the dataset itself (each global batch is
-split across the replicas, and across workers by tf.data auto-sharding), so `distribute_dataset`
-leaves it alone. On NPU there is one process per device and no strategy: `distribute_dataset`
-shards the record stream for this process and returns the per-process batch size, and the
-optimizer all-reduces gradients.
+Datasets: `distribute_dataset` gives each process its own share of the records and its part of
+the global batch: each NPU rank (one process per device, no strategy; the optimizer all-reduces
+gradients) and each MultiWorkerMirroredStrategy worker, so a worker reads and decodes only its
+share. Within one process, Keras `fit` splits each batch across the local replicas.
 
 Several processes (MultiWorkerMirroredStrategy from TF_CONFIG, or NPU ranks): every process runs
 the same `fit`, and only the chief (`is_chief`: the TF_CONFIG task of type "chief", or worker 0
 when the cluster has no chief; NPU rank 0) may write shared files. Keras 3 callbacks do not know
 about workers (ModelCheckpoint, BackupAndRestore, CSVLogger and TensorBoard write from every
 process to the same path), so give the pure writers (CSVLogger, TensorBoard) to the chief only.
-Saving an ArcFaceModel (`save`, `save_weights`) reads only mirrored variables, with no collective
-op, so the chief may save alone. A callback that every worker must keep (a checkpoint callback)
-or a save that reads sync-on-read variables (a collective op every worker must join) writes
-into `output_dir(path)` on every worker: the path itself on the chief, a private temporary
-folder, deleted afterwards, elsewhere.
+On Keras 3, saving an ArcFaceModel (`save`, `save_weights`) reads only mirrored variables, with
+no collective op; on Keras 2, BatchNormalization's statistics are sync-on-read variables, whose
+reading is a collective op every worker must join. So a callback that every worker must keep (a
+checkpoint callback) or a save writes into `output_dir(path)` on every worker: the path itself on
+the chief, a private temporary folder, deleted afterwards, elsewhere.
 
 Precision: "fp32", "mixed_float16" or "mixed_bfloat16". On tf.distribute devices it becomes the
 global Keras dtype policy (float32 / mixed_float16 / mixed_bfloat16), so create the placement
-before the model. float16 gets dynamic loss scaling: `wrap_optimizer` wraps the optimizer in a
-`keras.optimizers.LossScaleOptimizer`, and `compile` keeps an optimizer that is already one (it
-only wraps plain optimizers under mixed_float16), so the object returned is the one the model uses.
+before the model. float16 gets dynamic loss scaling: `wrap_optimizer` wraps the optimizer in Keras's
+`LossScaleOptimizer` (Keras 3 or Keras 2, see `faceid_keras.compat`), and `compile` keeps an
+optimizer that is already one (it only wraps plain optimizers under mixed_float16), so the object
+returned is the one the model uses.
 On NPU the Keras policy stays float32 and the NPU graph compiler does the mixing, by
 `precision_mode` (see `NPU_PRECISION_MODES`); float16 there is loss-scaled by
 `npu_device.train.optimizer.NpuLossScaleOptimizer`.
@@ -51,6 +51,8 @@ from collections.abc import Iterator, Sequence
 import keras
 import tensorflow as tf
 
+from faceid_keras import compat
+
 DEVICES = ("auto", "npu", "gpu", "cpu")
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 KERAS_POLICIES = {"fp32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
@@ -62,6 +64,7 @@ NPU_PRECISION_MODES = {
     "mixed_float16": "allow_mix_precision",
     "mixed_bfloat16": "allow_mix_precision_bf16",
 }
+NPU_DEFAULT_PRECISION = "mixed_float16"
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:
@@ -147,24 +150,26 @@ class Placement:
     def create(
         cls,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str | None = None,
         devices: Sequence[str] | None = None,
     ) -> "Placement":
         """Pick the placement by name or automatically ("auto": NPU, else GPUs, else CPU).
 
+        `precision` None is the device's default: "mixed_float16" on the NPU (precision_mode
+        allow_mix_precision, as Ascend's ModelZoo scripts train), "fp32" elsewhere.
         `devices` names tf.distribute devices explicitly (e.g. ["/cpu:0", "/cpu:1"] for logical
         CPUs); several make a MirroredStrategy over them. It does not apply to the NPU.
         """
         if device not in DEVICES:
             raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}.")
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}.")
         if device in ("auto", "npu"):
             npu = _import_npu_device()
             if npu is not None:
                 if devices:
                     raise ValueError("`devices` does not apply to the NPU: use ASCEND_DEVICE_ID.")
-                return cls("npu", precision, npu=npu)
+                return cls("npu", precision or NPU_DEFAULT_PRECISION, npu=npu)
             if device == "npu":
                 raise RuntimeError(
                     "device='npu' but `npu_device` does not import: install the CANN TensorFlow "
@@ -176,7 +181,7 @@ class Placement:
         if device == "gpu" and not gpus and not devices:
             raise RuntimeError("device='gpu' but TensorFlow sees no GPU.")
         kind = "gpu" if device == "gpu" or (device == "auto" and gpus) else "cpu"
-        return cls(kind, precision, strategy=cls._make_strategy(kind, devices))
+        return cls(kind, precision or "fp32", strategy=cls._make_strategy(kind, devices))
 
     @staticmethod
     def _make_strategy(kind: str, devices: Sequence[str] | None) -> tf.distribute.Strategy:
@@ -267,7 +272,10 @@ class Placement:
         """Shard an unbatched record stream for this process; returns it and the batch to use.
 
         NPU with RANK_SIZE > 1: `npu_device.distribute.shard_and_rebatch_dataset` keeps this
-        rank's share and gives global_batch_size / RANK_SIZE. tf.distribute: unchanged, with the
+        rank's share and gives global_batch_size / RANK_SIZE. Several tf.distribute workers: this
+        worker's share (every num_workers-th record), with global_batch_size / num_workers; give
+        the result to `fit` with auto-sharding off (`faceid_keras.data.train_dataset` does), which
+        splits each worker's batch across its local replicas. One process: unchanged, with the
         global batch size, because Keras `fit` distributes the batched dataset itself.
         """
         if global_batch_size % self.num_replicas_in_sync:
@@ -277,7 +285,31 @@ class Placement:
             )
         if self._npu is not None and self.rank_size > 1:
             return self._npu.distribute.shard_and_rebatch_dataset(dataset, global_batch_size)
+        workers, index = self.worker_count, self.worker_index
+        if workers > 1:
+            return dataset.shard(workers, index), global_batch_size // workers
         return dataset, global_batch_size
+
+    @property
+    def worker_count(self) -> int:
+        """Processes that train together: NPU ranks, or the chief and workers of TF_CONFIG."""
+        if self._npu is not None:
+            return self.rank_size
+        resolver = self._cluster_resolver()
+        if resolver is None:
+            return 1
+        jobs = resolver.cluster_spec().as_dict()
+        return len(jobs.get("chief", [])) + len(jobs.get("worker", []))
+
+    @property
+    def worker_index(self) -> int:
+        """This process's position among `worker_count`: the chief first, then the workers."""
+        task_type, task_id = self.task
+        if self._npu is not None or task_type == "chief":
+            return task_id
+        resolver = self._cluster_resolver()
+        has_chief = resolver is not None and "chief" in resolver.cluster_spec().jobs
+        return task_id + (1 if has_chief else 0)
 
     def wrap_optimizer(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
         """The optimizer to compile with: loss-scaled for float16, all-reducing on several NPUs.
@@ -293,7 +325,7 @@ class Placement:
                 optimizer = npu_lso(optimizer, dynamic=True)
             if self.rank_size > 1:
                 optimizer = self._npu.distribute.npu_distributed_keras_optimizer_wrapper(optimizer)
-        elif self.loss_scaling and not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        elif self.loss_scaling and not compat.is_loss_scale_optimizer(optimizer):
             optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
         self._wrapped.append(optimizer)
         return optimizer

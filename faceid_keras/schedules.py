@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-from keras import ops
+import tensorflow as tf
 
 
 def _check_non_negative(name: str, value: int) -> int:
@@ -46,15 +46,15 @@ class WarmupPolynomialDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.name = name
 
     def __call__(self, step):
-        step = ops.cast(step, "float32")
+        step = tf.cast(step, "float32")
         base = self.base_learning_rate
         warmup = float(self.warmup_steps)
         decay_span = float(self.total_steps - self.warmup_steps)
-        progress = ops.clip((step - warmup) / decay_span, 0.0, 1.0)
-        decayed = base * ops.power(1.0 - progress, self.power)
+        progress = tf.clip_by_value((step - warmup) / decay_span, 0.0, 1.0)
+        decayed = base * tf.pow(1.0 - progress, self.power)
         if self.warmup_steps == 0:
             return decayed
-        return ops.where(step < warmup, base * step / warmup, decayed)
+        return tf.where(step < warmup, base * step / warmup, decayed)
 
     def get_config(self) -> dict:
         return {
@@ -93,16 +93,16 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.name = name
 
     def __call__(self, step):
-        step = ops.cast(step, "float32")
+        step = tf.cast(step, "float32")
         base = self.base_learning_rate
-        passed = ops.zeros((), "float32")
+        passed = tf.zeros((), "float32")
         for boundary in self.boundaries:
-            passed = passed + ops.cast(step >= float(boundary), "float32")
-        decayed = base * ops.power(self.factor, passed)
+            passed = passed + tf.cast(step >= float(boundary), "float32")
+        decayed = base * tf.pow(self.factor, passed)
         if self.warmup_steps == 0:
             return decayed
         warmup = float(self.warmup_steps)
-        return ops.where(step < warmup, base * step / warmup, decayed)
+        return tf.where(step < warmup, base * step / warmup, decayed)
 
     def get_config(self) -> dict:
         return {

@@ -26,7 +26,7 @@ def test_iresnet18_small_input_every_norm(norm):
         out = model(images, training=training)
         assert out.shape == (4, 16) and np.isfinite(np.asarray(out)).all()
     features = model.get_layer("features")
-    assert not any("gamma" in v.path for v in features.weights)
+    assert not any("gamma" in v.name for v in features.weights)
 
 
 def test_iresnet_layout():
@@ -102,7 +102,11 @@ def test_batch_renorm_without_correction_equals_batch_norm():
         np.asarray(renorm(x, training=True)), np.asarray(batch_norm(x, training=True)), rtol=1e-4, atol=1e-4
     )
     np.testing.assert_allclose(renorm.moving_mean.numpy(), batch_norm.moving_mean.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(renorm.moving_variance.numpy(), batch_norm.moving_variance.numpy(), rtol=1e-4)
+    # Keras 2's BatchNormalization averages the unbiased batch variance (n / (n - 1) larger, as
+    # PyTorch does), Keras 3's the biased one, like ours.
+    want_variance = 0.9 + 0.1 * x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(renorm.moving_variance.numpy(), want_variance, rtol=1e-5)
+    np.testing.assert_allclose(renorm.moving_variance.numpy(), batch_norm.moving_variance.numpy(), rtol=5e-3)
 
 
 def test_batch_renorm_clips_r_and_d():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from faceid_keras import ArcFaceModel
+from faceid_keras import ArcFaceModel, compat
 from faceid_keras.heads import MarginHead
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def test_sample_holds_all_positives_with_the_right_size_and_remaps_labels():
     assert set(labels.tolist()) <= set(index.tolist())
     np.testing.assert_array_equal(index[remapped], labels)
     full = head(embeddings, labels).numpy()
-    cosine = head.cosine(embeddings, tf.gather(head.centres.value, index))
+    cosine = head.cosine(embeddings, tf.gather(compat.variable_tensor(head.centres), index))
     sampled = head.margin_logits(cosine, remapped).numpy()
     # Every column of the sample, the target (margin) logit included, is the full head's column.
     np.testing.assert_allclose(sampled, full[:, index], rtol=1e-6, atol=1e-5)

@@ -3,11 +3,12 @@ import keras
 import numpy as np
 import pytest
 
+from faceid_keras import compat
 from faceid_keras.schedules import WarmupPolynomialDecay, WarmupStepDecay
 
 
 def _values(schedule, steps):
-    return [float(keras.ops.convert_to_numpy(schedule(step))) for step in steps]
+    return [float(compat.to_numpy(schedule(step))) for step in steps]
 
 
 def test_polynomial_decay_matches_insightface_poly_scheduler():

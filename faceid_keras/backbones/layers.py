@@ -56,6 +56,7 @@ class GroupedConv2D(keras.layers.Layer):
             shape=(self.kernel_size, self.kernel_size, channels, self.filters // self.groups),
             initializer=keras.initializers.RandomUniform(-limit, limit),
         )
+        super().build(input_shape)
 
     def call(self, inputs):
         kernel = tf.cast(self.kernel, inputs.dtype)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import keras
-from keras import ops
+import tensorflow as tf
+
+from faceid_keras import compat
 
 NORMS = ("batch", "batch_renorm", "group")
 EPSILON = 1e-5  # insightface's BatchNorm eps
@@ -54,7 +56,7 @@ class BatchRenormalization(keras.layers.Layer):
 
         def stat(name, initializer):
             return self.add_weight(
-                name=name, shape=shape, initializer=initializer, trainable=False, autocast=False
+                name=name, shape=shape, initializer=initializer, trainable=False, **compat.NO_AUTOCAST
             )
 
         self.gamma = self.add_weight(name="gamma", shape=shape, initializer="ones") if self.scale else None
@@ -63,36 +65,37 @@ class BatchRenormalization(keras.layers.Layer):
         self.moving_variance = stat("moving_variance", "ones")
         self.renorm_mean = stat("renorm_mean", "zeros")
         self.renorm_stddev = stat("renorm_stddev", "ones")
+        super().build(input_shape)
 
     def call(self, inputs, training=None):
         input_dtype = inputs.dtype
-        x = ops.cast(inputs, "float32")
+        x = tf.cast(inputs, "float32")
         if training:
             axes = list(range(len(x.shape) - 1))
-            mean, variance = ops.moments(x, axes=axes)
-            stddev = ops.sqrt(variance + self.epsilon)
-            renorm_stddev = ops.cast(self.renorm_stddev, "float32")
-            renorm_mean = ops.cast(self.renorm_mean, "float32")
-            r = ops.stop_gradient(ops.clip(stddev / renorm_stddev, 1.0 / self.rmax, self.rmax))
-            d = ops.stop_gradient(ops.clip((mean - renorm_mean) / renorm_stddev, -self.dmax, self.dmax))
+            mean, variance = tf.nn.moments(x, axes=axes)
+            stddev = tf.sqrt(variance + self.epsilon)
+            renorm_stddev = tf.cast(self.renorm_stddev, "float32")
+            renorm_mean = tf.cast(self.renorm_mean, "float32")
+            r = tf.stop_gradient(tf.clip_by_value(stddev / renorm_stddev, 1.0 / self.rmax, self.rmax))
+            d = tf.stop_gradient(tf.clip_by_value((mean - renorm_mean) / renorm_stddev, -self.dmax, self.dmax))
             x = (x - mean) / stddev * r + d
             self._average(self.moving_mean, mean, self.momentum)
             self._average(self.moving_variance, variance, self.momentum)
             self._average(self.renorm_mean, mean, self.renorm_momentum)
             self._average(self.renorm_stddev, stddev, self.renorm_momentum)
         else:
-            x = (x - ops.cast(self.moving_mean, "float32")) / ops.sqrt(
-                ops.cast(self.moving_variance, "float32") + self.epsilon
+            x = (x - tf.cast(self.moving_mean, "float32")) / tf.sqrt(
+                tf.cast(self.moving_variance, "float32") + self.epsilon
             )
         if self.gamma is not None:
-            x = x * ops.cast(self.gamma, "float32")
+            x = x * tf.cast(self.gamma, "float32")
         if self.beta is not None:
-            x = x + ops.cast(self.beta, "float32")
-        return ops.cast(x, input_dtype)
+            x = x + tf.cast(self.beta, "float32")
+        return tf.cast(x, input_dtype)
 
     @staticmethod
     def _average(variable, value, momentum):
-        variable.assign(variable * momentum + ops.stop_gradient(value) * (1.0 - momentum))
+        variable.assign(variable * momentum + tf.stop_gradient(value) * (1.0 - momentum))
 
     def compute_output_shape(self, input_shape):
         return input_shape

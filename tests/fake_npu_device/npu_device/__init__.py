@@ -5,10 +5,16 @@ in order, in `CALLS` as (name, details) pairs, so tests can check what a placeme
 Ascend NPU without one. Only for tests: put tests/fake_npu_device on sys.path to import it.
 Behaviour kept from the real API: `global_options()` returns an options object on which setting an
 unknown field raises ValueError; `open(device_id).as_default()`; `distribute.*` and
-`train.optimizer.NpuLossScaleOptimizer` (here a subclass of the Keras 3 LossScaleOptimizer, so it
-trains on this stack). RANK_SIZE / RANK_ID are read from the environment like the real adapter.
+`train.optimizer.NpuLossScaleOptimizer` (a subclass of Keras 2's LossScaleOptimizer). RANK_SIZE /
+RANK_ID are read from the environment like the real adapter, and like it this package exists for
+tf.keras (Keras 2) only: under Keras 3 it does not import.
 """
-from npu_device import distribute, train
+import keras
+
+if int(keras.__version__.split(".")[0]) >= 3:
+    raise ImportError("npu_device supports tf.keras (Keras 2) only; this is Keras " + keras.__version__)
+
+from npu_device import distribute, train  # noqa: E402
 
 CALLS: list[tuple[str, dict]] = []
 

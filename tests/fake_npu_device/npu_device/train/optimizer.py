@@ -1,39 +1,34 @@
-"""Test double of `npu_device.train.optimizer`: NpuLossScaleOptimizer on the Keras 3 base class."""
-import keras
+"""Test double of `npu_device.train.optimizer`: NpuLossScaleOptimizer on Keras 2's loss-scale optimizer."""
+import tensorflow as tf
+from keras.src.mixed_precision.loss_scale_optimizer import LossScaleOptimizerV3
 
 import npu_device
 
 
-class NpuLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
-    """Real: tf.keras LossScaleOptimizer with NPU overflow status. Exposes the same `loss_scale`
-    and `last_step_finite`; overflow is detected from non-finite gradients."""
+class NpuLossScaleOptimizer(LossScaleOptimizerV3):
+    """Real: a tf.keras LossScaleOptimizer that reads the NPU's float-overflow status and records it
+    in `last_step_finite`. Here the status is whether every gradient is finite, which is what the
+    NPU status reports for the same step."""
 
     def __init__(self, inner_optimizer, dynamic=True, initial_scale=None, dynamic_growth_steps=None):
         npu_device.record(
             "NpuLossScaleOptimizer", inner=type(inner_optimizer).__name__, dynamic=dynamic
         )
-        super().__init__(
-            inner_optimizer,
-            initial_scale=2.0**15 if initial_scale is None else initial_scale,
-            dynamic_growth_steps=2000 if dynamic_growth_steps is None else dynamic_growth_steps,
-            dynamic=dynamic,
+        super().__init__(inner_optimizer, dynamic, initial_scale, dynamic_growth_steps)
+        self._last_step_finite = tf.Variable(
+            True,
+            name="npu_last_step_finite",
+            trainable=False,
+            synchronization=tf.VariableSynchronization.AUTO,
+            aggregation=tf.VariableAggregation.NONE,
         )
-
-    def build(self, var_list):
-        super().build(var_list)
-        self._last_step_finite = self.add_variable(
-            shape=(), dtype="int32", initializer="zeros", aggregation="none", name="last_step_finite"
-        )
-
-    @property
-    def loss_scale(self):
-        return self.dynamic_scale
 
     @property
     def last_step_finite(self):
-        return keras.ops.equal(self._last_step_finite, 1)
+        return self._last_step_finite
 
-    def apply(self, grads, trainable_variables=None):
-        finite = self.check_finite(grads)
-        super().apply(grads, trainable_variables)
-        self._last_step_finite.assign(keras.ops.cast(finite, "int32"))
+    def apply_gradients(self, grads_and_vars, skip_gradients_aggregation=False, **kwargs):
+        grads_and_vars = tuple(grads_and_vars)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g, _ in grads_and_vars])
+        self._last_step_finite.assign(finite)
+        return super().apply_gradients(grads_and_vars, skip_gradients_aggregation, **kwargs)
