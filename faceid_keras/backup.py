@@ -7,15 +7,24 @@ mid-epoch backups record epoch 0. `TrainingBackup` keeps the position as a count
 (`step`), so the caller can skip exactly the batches already done, and writes every backup
 atomically: a new weights file, then a `state.json` pointer to it swapped in with `os.replace`,
 so a kill at any moment leaves the previous complete backup in place.
+
+With several workers (MultiWorkerMirroredStrategy) every worker keeps a `TrainingBackup` over the
+same folder on a shared filesystem, but only the chief's (`chief=True`) writes or deletes it; the
+others only restore from it, so every worker resumes at the chief's step. Every worker joins
+each save (on Keras 2 it reads sync-on-read variables, a collective op); the others write theirs
+into a temporary folder that is removed at once.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 
 import keras
 import numpy as np
+
+from faceid_keras import compat
 
 STATE_FILE = "state.json"
 
@@ -28,9 +37,18 @@ class TrainingBackup(keras.callbacks.Callback):
     batch `step % steps_per_epoch`. The backup folder is deleted once all `epochs` are done, and kept
     when training stops early (an error, a kill, or TerminateOnNaN) so the run can be resumed.
     Place it last in the callback list, so an epoch's backup is written after its logs.
+    With `chief=False` (a worker other than the chief) it restores, counts steps and joins every
+    save, but never writes or deletes `backup_dir`.
     """
 
-    def __init__(self, backup_dir: str | os.PathLike, steps_per_epoch: int, epochs: int, save_freq: int):
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike,
+        steps_per_epoch: int,
+        epochs: int,
+        save_freq: int,
+        chief: bool = True,
+    ):
         super().__init__()
         for name, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs), ("save_freq", save_freq)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -39,6 +57,7 @@ class TrainingBackup(keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.save_freq = save_freq
+        self.chief = bool(chief)
         self.step = 0
 
     @property
@@ -61,7 +80,7 @@ class TrainingBackup(keras.callbacks.Callback):
             weights = os.path.join(self.backup_dir, os.path.basename(state["weights"]))
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}: unreadable backup state ({error}); delete {self.backup_dir} to start over.") from error
-        if not os.path.exists(weights):
+        if not compat.weights_exist(weights):
             raise ValueError(f"{path}: names weights file {weights}, which does not exist.")
         if state.get("steps_per_epoch") != self.steps_per_epoch or state.get("epochs") != self.epochs:
             raise ValueError(
@@ -84,16 +103,29 @@ class TrainingBackup(keras.callbacks.Callback):
             return 0
         if model.optimizer is None:
             raise ValueError("Compile the model before restoring a backup into it.")
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
+        with model.distribute_strategy.scope():  # the optimizer's variables belong to the strategy
+            compat.build_optimizer(model.optimizer, model.trainable_variables)
         model.load_weights(state["weights"])
         self.step = state["step"]
         return self.step
 
     def save(self) -> None:
-        """Writes a backup of the current model at the current step."""
+        """Writes a backup of the current model at the current step into `backup_dir` (the chief).
+
+        Every worker runs the save: under MultiWorkerMirroredStrategy, reading a sync-on-read
+        variable (Keras 2's BatchNormalization statistics) is a collective op. A worker other than
+        the chief writes into a private temporary folder, removed at once.
+        """
+        stem = f"step-{self.step:09d}"
+        weights = stem + compat.WEIGHTS_SUFFIX
+        if not self.chief:
+            folder = tempfile.mkdtemp(prefix="faceid-backup-")
+            try:
+                self.model.save_weights(os.path.join(folder, weights), overwrite=True)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return
         os.makedirs(self.backup_dir, exist_ok=True)
-        weights = f"step-{self.step:09d}.weights.h5"
         self.model.save_weights(os.path.join(self.backup_dir, weights), overwrite=True)
         state = {
             "step": self.step,
@@ -110,7 +142,7 @@ class TrainingBackup(keras.callbacks.Callback):
             os.fsync(f.fileno())
         os.replace(temporary, self._state_path())
         for name in os.listdir(self.backup_dir):
-            if name.startswith("step-") and name.endswith(".weights.h5") and name != weights:
+            if name.startswith("step-") and not name.startswith(stem):
                 os.remove(os.path.join(self.backup_dir, name))
 
     def _healthy(self, logs: dict | None) -> bool:
@@ -129,5 +161,5 @@ class TrainingBackup(keras.callbacks.Callback):
             self.save()
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        if self.step >= self.total_steps and os.path.isdir(self.backup_dir):
+        if self.chief and self.step >= self.total_steps and os.path.isdir(self.backup_dir):
             shutil.rmtree(self.backup_dir)

@@ -133,7 +133,8 @@ def train_dataset(
     """One epoch of (images float32 [B, H, W, 3], labels int32 [B]) batches from a tfds split.
 
     `batch_size` is the global batch. With a `placement`, its `distribute_dataset` shards the
-    record stream for this process (multi-process NPU) and gives the per-process batch size.
+    record stream for this process (NPU ranks, multi-worker tf.distribute) and gives the
+    per-process batch size; tf.data auto-sharding is then off.
     With `seed`, the file order, shuffle and flips are fixed, and the same seed yields identical
     batches; each new iteration (epoch) is reshuffled either way. The last partial batch is dropped.
     `skip_batches` leaves out the first batches of the pass before any image is decoded, so a
@@ -198,4 +199,8 @@ def train_dataset(
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = seed is not None
+    if placement is not None:
+        # The placement has given this process its share of the records already; tf.data's
+        # auto-sharding in a multi-worker `fit` would shard it a second time.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options)

@@ -11,6 +11,12 @@ ends with the same number of steps as a run that was never interrupted. The run 
 `model.keras` (training model), `embedding.keras` (images -> embeddings, for deployment),
 `training_log.csv` and TensorBoard logs (`logs/`) into `--model_dir`, and prints a final
 `Final summary:` line of key=value pairs that scripts parse.
+
+Several workers (TF_CONFIG set, MultiWorkerMirroredStrategy) run the same command with the same
+`--model_dir` and data paths on a shared filesystem. Only the chief builds an insightface
+`--data_path` (the others wait for it) and writes into `--model_dir`; every worker reads and
+decodes its own share of the records, for its part of each global batch, and a rerun resumes every
+worker from the chief's backup at the same step.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tfds_ms1m
@@ -43,6 +50,7 @@ MODEL_FILE = "model.keras"
 EMBEDDING_FILE = "embedding.keras"
 CSV_FILE = "training_log.csv"
 JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
+DATA_POLL_SECONDS = 2.0
 
 
 def _non_negative_int(text: str) -> int:
@@ -96,7 +104,13 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="tfds data dir with ms1m_arcface built in it, or an insightface folder "
                       "(train.rec, train.idx, property, *.bin) to build first")
     data.add_argument("--tfds_data_dir", default=None,
-                      help="where an insightface --data_path is built (default: <model_dir>/tfds)")
+                      help="where an insightface --data_path is built (default: <model_dir>/tfds). "
+                      "With several workers only the chief builds it; it must be on a filesystem "
+                      "all workers share")
+    data.add_argument("--data_timeout", type=_non_negative_float, default=6 * 3600.0,
+                      help="seconds the other workers wait for the chief to build an insightface "
+                      "--data_path before giving up (default: %(default)s); a prebuilt tfds "
+                      "--data_path needs no wait")
     data.add_argument("--image_size", type=positive_int, default=None,
                       help="train and verify at this square size (default: the dataset's size)")
     data.add_argument("--shuffle_buffer", type=_non_negative_int, default=20_000,
@@ -131,7 +145,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run_group.add_argument("--model_dir", default=os.path.join("runs", "faceid"),
                            help="output folder (default: %(default)s)")
     run_group.add_argument("--device", choices=DEVICES, default="auto")
-    run_group.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    run_group.add_argument("--precision", choices=PRECISIONS, default=None,
+                           help="default: mixed_float16 on an Ascend NPU (precision_mode "
+                           "allow_mix_precision, as the ModelZoo scripts), fp32 elsewhere")
     run_group.add_argument("--targets", default=DEFAULT_TARGETS,
                            help="comma-separated verification targets run after each epoch; missing "
                            "ones are skipped with a warning; 'none' turns verification off "
@@ -184,9 +200,40 @@ def prepare_tfds(folder: str, data_dir: str) -> str:
     return data_dir
 
 
-def resolve_data_dir(data_path: str, tfds_data_dir: str) -> str:
-    """The tfds data dir to train from: `data_path` itself, or `tfds_data_dir` built from it."""
+def wait_for_tfds(folder: str, data_dir: str, timeout: float) -> str:
+    """Waits until another process (the chief) has built `folder` into `data_dir`; returns `data_dir`.
+
+    tfds builds a config in a temporary folder and renames it into place when complete, so a config
+    counts as built once `is_prepared()`. Raises TimeoutError after `timeout` seconds.
+    """
+    has_packs = any(os.path.exists(os.path.join(folder, f"{t}.bin")) for t in VERIFICATION_TARGETS)
+    names = ("train", "verification") if has_packs else ("train",)
+    pending = [tfds.builder(f"{tfds_ms1m.Builder.name}/{name}", data_dir=data_dir) for name in names]
+    deadline = time.monotonic() + timeout
+    print(f"Waiting for the chief to build ms1m_arcface from {folder} into {data_dir}")
+    while True:
+        pending = [builder for builder in pending if not builder.is_prepared()]
+        if not pending:
+            return data_dir
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{pending[0].data_path}: not built by the chief within --data_timeout {timeout:g} s. "
+                "The tfds data dir must be on a filesystem every worker shares; or build it once "
+                f"(tfds build ms1m_arcface --imports tfds_ms1m --manual_dir {folder} --data_dir DIR) "
+                "and pass DIR as --data_path."
+            )
+        time.sleep(DATA_POLL_SECONDS)
+
+
+def resolve_data_dir(data_path: str, tfds_data_dir: str, build: bool = True, timeout: float = 0.0) -> str:
+    """The tfds data dir to train from: `data_path` itself, or `tfds_data_dir` built from it.
+
+    With `build=False` (a worker other than the chief) an insightface `data_path` is not built
+    here: this waits up to `timeout` seconds for the chief to build it.
+    """
     if os.path.exists(os.path.join(data_path, "train.rec")):
+        if not build:
+            return wait_for_tfds(data_path, tfds_data_dir, timeout)
         return prepare_tfds(data_path, tfds_data_dir)
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"--data_path {data_path}: no such directory.")
@@ -229,15 +276,17 @@ def epoch_stream(
 
     Every epoch is its own pass over the data (`faceid_keras.data.train_dataset(**dataset_kwargs)`),
     shuffled by a seed made of `seed` and the epoch number, so the batches of an epoch do not depend
-    on where a run started. Skipped batches are still read and decoded.
+    on where a run started. Skipped batches are read (to fill the shuffle) but not decoded.
+
+    Several workers (MultiWorkerMirroredStrategy, NPU ranks) each read their own share of the
+    records (`Placement.distribute_dataset`), so each decodes only the images it trains on; every
+    worker's share holds at least `steps_per_epoch` batches of its part of the global batch.
     """
     parts = []
     for epoch in range(first_epoch, last_epoch):
-        dataset = data.train_dataset(seed=_epoch_seed(seed, epoch), **dataset_kwargs)
-        dataset = dataset.take(steps_per_epoch)
-        if epoch == first_epoch and skip:
-            dataset = dataset.skip(skip)
-        parts.append(dataset)
+        skipped = skip if epoch == first_epoch else 0
+        dataset = data.train_dataset(seed=_epoch_seed(seed, epoch), skip_batches=skipped, **dataset_kwargs)
+        parts.append(dataset.take(steps_per_epoch - skipped))
     return functools.reduce(lambda a, b: a.concatenate(b), parts)
 
 
@@ -302,6 +351,38 @@ def _fit_segments(step: int, steps_per_epoch: int, epochs: int) -> list[tuple[in
     return segments
 
 
+def _log_writers(model_dir: str, append: bool) -> list[keras.callbacks.Callback]:
+    """CSVLogger and TensorBoard into `model_dir` (the chief's alone: they only write files)."""
+    writers: list[keras.callbacks.Callback] = [
+        keras.callbacks.CSVLogger(os.path.join(model_dir, CSV_FILE), append=append)
+    ]
+    if importlib.util.find_spec("tensorboard") is not None:
+        writers.append(keras.callbacks.TensorBoard(log_dir=os.path.join(model_dir, "logs")))
+    else:
+        print("Warning: the tensorboard package is not installed; no TensorBoard logs (pip install tensorboard).")
+    return writers
+
+
+def _check_same_step(placement: Placement, step: int, backup_dir: str) -> None:
+    """Raises unless every replica is about to restore the same step (one collective op on
+    tf.distribute lanes; run it before restoring, whose collective ops depend on the backup).
+
+    A worker that cannot see the chief's backup folder would start over while the others resume,
+    and their collective ops would no longer match; this stops every worker with a clear error.
+    """
+    strategy = placement.strategy
+    if strategy is None:
+        return
+    value = tf.constant([1.0, step, float(step) ** 2], tf.float64)
+    count, total, squares = strategy.reduce("SUM", strategy.run(lambda: value), axis=None).numpy()
+    if total != count * step or squares != count * float(step) ** 2:
+        raise RuntimeError(
+            f"Workers would resume at different steps (this one: step {step} from {backup_dir}; mean "
+            f"over all: {total / count:g}). Every worker must see the chief's --model_dir on a shared "
+            "filesystem."
+        )
+
+
 def _format_summary(summary: dict[str, float]) -> str:
     return " ".join(
         f"{key}={value}" if isinstance(value, int) else f"{key}={value:.6g}" for key, value in summary.items()
@@ -310,15 +391,23 @@ def _format_summary(summary: dict[str, float]) -> str:
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Trains (or resumes) the run `args` describe, saves the models and returns what it produced."""
+    # First: MultiWorkerMirroredStrategy configures collective ops, which fails ("must be configured
+    # at program startup") once any TensorFlow op has run, such as reading the dataset.
+    placement = Placement.create(args.device, args.precision)
+    keras.utils.set_random_seed(args.seed)
     model_dir = args.model_dir
-    os.makedirs(model_dir, exist_ok=True)
-    data_dir = resolve_data_dir(args.data_path, args.tfds_data_dir or os.path.join(model_dir, "tfds"))
+    if placement.is_chief:
+        os.makedirs(model_dir, exist_ok=True)
+    data_dir = resolve_data_dir(
+        args.data_path,
+        args.tfds_data_dir or os.path.join(model_dir, "tfds"),
+        build=placement.is_chief,
+        timeout=args.data_timeout,
+    )
     num_classes, shape = data.dataset_info(data_dir)
     image_size = (args.image_size, args.image_size) if args.image_size else tuple(shape[:2])
     num_examples = data.builder(data_dir).info.splits["train"].num_examples
 
-    keras.utils.set_random_seed(args.seed)
-    placement = Placement.create(args.device, args.precision)
     global_batch = args.batch_size * placement.num_replicas_in_sync
     full_steps = num_examples // global_batch
     if full_steps == 0:
@@ -329,7 +418,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     steps_per_epoch = min(args.steps, full_steps) if args.steps else full_steps
     epochs = args.train_epochs
     print(
-        f"Training {args.backbone} ({args.embedding_size}-d, {args.precision}) on {num_examples} images "
+        f"Training {args.backbone} ({args.embedding_size}-d, {placement.precision}) on {num_examples} images "
         f"of {num_classes} identities at {image_size[0]}x{image_size[1]}: {epochs} epochs x "
         f"{steps_per_epoch} steps of {global_batch} images, {placement}"
     )
@@ -351,7 +440,11 @@ def train(args: argparse.Namespace) -> TrainResult:
         optimizer = placement.wrap_optimizer(keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum))
         model.compile(optimizer=optimizer, jit_compile=JIT_COMPILE[args.jit_compile])
 
-    backup = TrainingBackup(os.path.join(model_dir, "backup"), steps_per_epoch, epochs, args.backup_steps)
+    backup = TrainingBackup(
+        os.path.join(model_dir, "backup"), steps_per_epoch, epochs, args.backup_steps, chief=placement.is_chief
+    )
+    state = backup.read_state()
+    _check_same_step(placement, state["step"] if state else 0, backup.backup_dir)
     step = backup.restore(model)
     if step:
         epoch, done = divmod(step, steps_per_epoch)
@@ -368,11 +461,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     callbacks = [*placement.callbacks(), stop_on_nan, ThroughputLogger(global_batch)]
     if targets:
         callbacks.append(VerificationCallback(targets))
-    callbacks.append(keras.callbacks.CSVLogger(os.path.join(model_dir, CSV_FILE), append=bool(step)))
-    if importlib.util.find_spec("tensorboard") is not None:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=os.path.join(model_dir, "logs")))
-    else:
-        print("Warning: the tensorboard package is not installed; no TensorBoard logs (pip install tensorboard).")
+    if placement.is_chief:
+        callbacks.extend(_log_writers(model_dir, append=bool(step)))
     callbacks.append(backup)
     dataset_kwargs = {
         "data_dir": data_dir,
@@ -417,12 +507,13 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     model_path = embedding_path = None
     if stop_on_nan.stopped_at is None:
-        model_path = os.path.join(model_dir, MODEL_FILE)
-        embedding_path = os.path.join(model_dir, EMBEDDING_FILE)
         with placement.output_dir(model_dir) as folder:  # every worker saves; only the chief keeps it
             model.save(os.path.join(folder, MODEL_FILE))
             model.embedding_model().save(os.path.join(folder, EMBEDDING_FILE))
-        print(f"Saved {model_path} and {embedding_path}")
+        if placement.is_chief:
+            model_path = os.path.join(model_dir, MODEL_FILE)
+            embedding_path = os.path.join(model_dir, EMBEDDING_FILE)
+            print(f"Saved {model_path} and {embedding_path}")
     else:
         print(
             f"Not saving the model: the loss is not finite. The last good state is kept in "

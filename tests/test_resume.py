@@ -89,4 +89,4 @@ def test_resumed_run_ends_with_the_weights_of_an_unbroken_run(tfds_data_dir, tmp
     resumed = keras.models.load_model(tmp_path / "resumed" / train.MODEL_FILE)
     reference = keras.models.load_model(tmp_path / "unbroken" / train.MODEL_FILE)
     for a, b in zip(resumed.weights, reference.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6, err_msg=a.name)

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from faceid_keras import cli, schedules, train
+from faceid_keras import cli, compat, schedules, train
 from faceid_keras.backup import TrainingBackup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def test_parser_takes_the_seed_flags_and_defaults():
     args = _parse("--train_epochs", "5", "--batch_size", "16")
     assert (args.train_epochs, args.batch_size, args.steps) == (5, 16, 0)
     assert args.backbone == "iresnet50" and args.margin == "arcface" and args.lr_schedule == "poly"
-    assert args.device == "auto" and args.precision == "fp32" and args.targets == "lfw,cfp_fp,agedb_30"
+    assert args.device == "auto" and args.precision is None and args.targets == "lfw,cfp_fp,agedb_30"
     assert args.func is train.run
     assert _parse("--margin", "1,0,0.35").margin == (1.0, 0.0, 0.35)
     assert _parse("--lr_steps", "2,4.5").lr_steps == (2.0, 4.5)
@@ -92,7 +92,9 @@ def test_backup_restores_weights_optimizer_and_step(tmp_path):
               callbacks=[backup], verbose=0)
     state = backup.read_state()
     assert (state["step"], state["epoch"], state["batch"]) == (7, 1, 3)  # saved at steps 3, 6 and 7
-    assert sorted(os.listdir(tmp_path / "backup")) == ["state.json", "step-000000007.weights.h5"]
+    files = sorted(os.listdir(tmp_path / "backup"))
+    assert "state.json" in files and all(f.startswith("step-000000007") for f in files if f.startswith("step-"))
+    assert backup.read_state()["weights"] == str(tmp_path / "backup" / f"step-000000007{compat.WEIGHTS_SUFFIX}")
     saved = [w.numpy() for w in model.weights]
 
     fresh = _toy_model()
@@ -100,10 +102,35 @@ def test_backup_restores_weights_optimizer_and_step(tmp_path):
     assert int(fresh.optimizer.iterations) == 7
     for restored, expected in zip(fresh.weights, saved):
         np.testing.assert_array_equal(restored.numpy(), expected)
-    momentum = [v for v in fresh.optimizer.variables if "momentum" in v.path]
+    momentum = [v for v in fresh.optimizer.variables if len(v.shape)]  # the slots, not the step counter
     assert momentum and any(np.any(v.numpy() != 0) for v in momentum)
     with pytest.raises(ValueError, match="different --train_epochs, --batch_size or --steps"):
         TrainingBackup(tmp_path / "backup", 5, 3, 3).restore(_toy_model())
+
+
+def test_backup_of_a_non_chief_worker_restores_but_never_writes(tmp_path):
+    chief = _toy_model()
+    chief.fit(np.ones((10, 4)), np.ones((10, 2)), batch_size=2, epochs=1, verbose=0,
+              callbacks=[TrainingBackup(tmp_path / "backup", steps_per_epoch=4, epochs=3, save_freq=3)])
+    worker = _toy_model()
+    other = TrainingBackup(tmp_path / "backup", 4, 3, 3, chief=False)
+    assert other.restore(worker) == 5
+    for restored, expected in zip(worker.weights, chief.weights):
+        np.testing.assert_array_equal(restored.numpy(), expected.numpy())
+    before = sorted(os.listdir(tmp_path / "backup"))
+    # A chief would back up at steps 6 and 9 and delete the folder at the end (step 12).
+    worker.fit(np.ones((14, 4)), np.ones((14, 2)), batch_size=2, epochs=1, callbacks=[other], verbose=0)
+    assert other.step == other.total_steps == 12
+    assert sorted(os.listdir(tmp_path / "backup")) == before and other.read_state()["step"] == 5
+    empty = TrainingBackup(tmp_path / "none", 4, 3, 3, chief=False)
+    assert empty.restore(_toy_model()) == 0 and not os.path.exists(tmp_path / "none")
+
+
+def test_waiting_for_the_chief_to_build_times_out_with_advice(synthetic_folder, tmp_path, capsys):
+    with pytest.raises(TimeoutError, match=r"train/1\.0\.0: not built by the chief within --data_timeout 0 s"):
+        train.resolve_data_dir(str(synthetic_folder), str(tmp_path / "tfds"), build=False, timeout=0)
+    assert "Waiting for the chief to build" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "tfds" / "ms1m_arcface")
 
 
 def _summary(text):
