@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -167,8 +168,11 @@ def train_dataset(
     if shuffle_buffer > 1:
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     # One random int64 per example, drawn in stream order: its lowest bit decides the flip, so
-    # flips depend on the seed and the example's position only, never on thread timing.
-    flip_keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    # flips depend on the seed and the example's position only, never on thread timing. The
+    # stream gets its own seed: seeded with `seed` it would replay the shuffle's random numbers,
+    # and the flips would follow which record the shuffle picked.
+    flip_seed = None if seed is None else int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+    flip_keys = tf.data.Dataset.random(seed=flip_seed, rerandomize_each_iteration=True)
     batches = tf.data.Dataset.zip(records, flip_keys).batch(local_batch_size, drop_remainder=True)
     if skip_batches:
         batches = batches.skip(skip_batches)

@@ -73,6 +73,25 @@ def test_shuffled_epoch_holds_every_example_once(tfds_data_dir):
     assert labels.tolist() != reference_labels
 
 
+def test_flips_do_not_follow_the_shuffle(tfds_data_dir):
+    """Whether an image is mirrored must not depend on which record the shuffle picked (a flip
+    stream seeded like the shuffle replays its random numbers: a correlation near 0.3 here)."""
+    reference, _ = _reference(tfds_data_dir)
+    expected = (reference.astype("float32") / 255.0 - 0.5) / 0.5
+    index = {np.round(e, 3).tobytes(): (i, False) for i, e in enumerate(expected)}
+    index.update({np.round(e[:, ::-1], 3).tobytes(): (i, True) for i, e in enumerate(expected)})
+    records, flips = [], []
+    for seed in range(20):
+        images, _, _ = _collect(data.train_dataset(str(tfds_data_dir), batch_size=8, shuffle_buffer=100, seed=seed))
+        for image in images:
+            record, flipped = index[np.round(image, 3).tobytes()]
+            records.append(record)
+            flips.append(flipped)
+    assert 0.4 < np.mean(flips) < 0.6
+    for feature in (np.array(records) % 2, np.array(records) >= NUM_IMAGES // 2):
+        assert abs(np.corrcoef(flips, feature)[0, 1]) < 0.12
+
+
 def test_same_seed_same_batches_and_each_epoch_reshuffles(tfds_data_dir):
     first = data.train_dataset(str(tfds_data_dir), batch_size=8, shuffle_buffer=100, seed=7)
     second = data.train_dataset(str(tfds_data_dir), batch_size=8, shuffle_buffer=100, seed=7)
