@@ -280,7 +280,8 @@ def build_models(args: argparse.Namespace, keras) -> dict:
     if "softmax" in wanted:
         backbone = backbones.build(args.backbone, shape, args.embedding_size)
         images = keras.Input(shape, name="images")
-        logits = keras.layers.Dense(args.num_classes, dtype="float32", name="softmax_head")(backbone(images))
+        pixels = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")(images)
+        logits = keras.layers.Dense(args.num_classes, dtype="float32", name="softmax_head")(backbone(pixels))
         softmax = keras.Model(images, logits, name="softmax_reference")
         softmax.compile(
             optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9, weight_decay=5e-4),
@@ -294,9 +295,11 @@ def build_models(args: argparse.Namespace, keras) -> dict:
 
 
 def synthetic_batches(args: argparse.Namespace, tf):
-    """One random preprocessed batch and labels, repeated forever (optionally prefetched to GPU)."""
+    """One random batch of uint8 pixel images and labels, repeated forever (optionally prefetched
+    to GPU)."""
     generator = tf.random.Generator.from_seed(0)
-    images = generator.uniform((args.batch_size, args.image_size, args.image_size, 3), -1.0, 1.0)
+    shape = (args.batch_size, args.image_size, args.image_size, 3)
+    images = tf.cast(generator.uniform(shape, 0, 256, dtype=tf.int32), tf.uint8)
     labels = generator.uniform((args.batch_size,), 0, args.num_classes, dtype=tf.int32)
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
     gpus = tf.config.list_logical_devices("GPU")
@@ -347,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     for name, model in models.items():
         step = statistics.median(seconds[name]) / window
-        backbone = model.backbone if name == "arcface" else model.layers[1]
+        backbone = model.backbone if name == "arcface" else model.layers[2]
         backbone_flops, kinds = forward_flops(backbone)
         head_flops = 2 * args.embedding_size * args.num_classes
         train_flops = 3 * (backbone_flops + head_flops)

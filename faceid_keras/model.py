@@ -11,6 +11,10 @@ from faceid_keras.heads import MarginHead
 class ArcFaceModel(keras.Model):
     """Face recognizer: `call(images)` gives L2-normalised float32 embeddings; `fit` trains the margin head.
 
+    Images are pixels in [0, 255], uint8 or float, as decoded: the model's first layer applies
+    insightface's (x/255 - 0.5)/0.5 on the device (as keras.applications models do), so input
+    pipelines move a quarter of the bytes and a saved model takes images as they are.
+
     `backbone` is a name known to `faceid_keras.backbones.build` or any Keras model mapping images to
     vectors. Training minimises float32 softmax cross-entropy over the margin logits plus the
     model's regularisation losses, plus a coupled L2 weight decay 0.5 * weight_decay * sum(w^2) over
@@ -73,6 +77,7 @@ class ArcFaceModel(keras.Model):
             num_classes, margin=margin, scale=scale, sample_rate=sample_rate, name="margin_head"
         )
         self.sample_rate = self.head.sample_rate
+        self.pixel_scaling = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")
         self.normalize = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")
         self.head.build((None, self.embedding_size))
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -80,7 +85,11 @@ class ArcFaceModel(keras.Model):
         self(tf.zeros((1,) + self.image_shape))
 
     def call(self, images, training=None):
-        return self.normalize(self.backbone(images, training=training))
+        return self.normalize(self._embed(images, training=training))
+
+    def _embed(self, images, training=None):
+        """Backbone embeddings (not L2-normalised) of [0, 255] pixel images."""
+        return self.backbone(self.pixel_scaling(images), training=training)
 
     @property
     def metrics(self):
@@ -114,7 +123,7 @@ class ArcFaceModel(keras.Model):
     def _forward(self, images, labels, training, sample=False):
         """Per-replica (cross-entropy + regularisation) loss scaled for gradient summing, cosines,
         the labels they refer to, replicas, and the gathered centres when the head is sampled."""
-        embeddings = self.backbone(images, training=training)
+        embeddings = self._embed(images, training=training)
         labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
         centres = None
         if sample:
@@ -170,9 +179,11 @@ class ArcFaceModel(keras.Model):
         return self._track(loss, cosine, labels, replicas)
 
     def embedding_model(self) -> keras.Model:
-        """A functional model images -> L2-normalised float32 embeddings, without the class centres."""
+        """A functional model [0, 255] pixel images -> L2-normalised float32 embeddings, without the
+        class centres."""
         images = keras.Input(self.image_shape, name="images")
-        embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(self.backbone(images))
+        embeddings = self.backbone(self.pixel_scaling(images))
+        embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(embeddings)
         return keras.Model(images, embeddings, name=f"{self.backbone.name}_embedding")
 
     def get_config(self):

@@ -2,8 +2,9 @@
 
 Protocol (see DESIGN.md, "Verification protocol"):
 
-- Images are scaled to (x / 255 - 0.5) / 0.5; the embedding of an image is f(x) + f(flip(x)),
-  L2-normalised (flip = left-right mirror).
+- Images are scaled to (x / 255 - 0.5) / 0.5 (by the model: `ArcFaceModel` and its embedding
+  model take [0, 255] pixels); the embedding of an image is f(x) + f(flip(x)), L2-normalised
+  (flip = left-right mirror).
 - The distance of a pair is the squared L2 distance of its two embeddings; a pair is predicted
   "same" when ``dist < threshold``.
 - The pairs are cut into 10 contiguous folds in order (scikit-learn's ``KFold(10, shuffle=False)``:
@@ -209,7 +210,9 @@ def _model_image_size(model) -> tuple[int, int] | None:
 def embed(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """L2-normalised f(x) + f(flip(x)) for uint8 images [N, H, W, 3], as float64 [N, dim].
 
-    Images whose size differs from the model's fixed input size are resized (bilinear) to it.
+    The model gets float32 pixels in [0, 255] and normalises them itself, as `ArcFaceModel` and
+    its `embedding_model()` do. Images whose size differs from the model's fixed input size are
+    resized (bilinear) to it.
     """
     import tensorflow as tf
 
@@ -226,7 +229,6 @@ def embed(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         batch = tf.cast(batch, tf.float32)
         if size is not None and tuple(images.shape[1:3]) != size:
             batch = tf.image.resize(batch, size)
-        batch = (batch / 255.0 - 0.5) / 0.5
         # One forward pass per batch: the images, then their mirror images.
         return tf.concat([batch, tf.reverse(batch, axis=[2])], axis=0)
 

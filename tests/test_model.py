@@ -33,13 +33,14 @@ def dense_backbone(input_shape=(8, 8, 3), size=8, regularizer=None):
 
 
 def separable_data(num_classes=4, per_class=8, size=32, seed=0):
-    """Distinct fixed patterns per class plus noise, already in [-1, 1] like preprocessed faces."""
+    """Distinct fixed patterns per class plus noise, as uint8 pixels like decoded faces."""
     rng = np.random.default_rng(seed)
     patterns = rng.uniform(-1, 1, size=(num_classes, size, size, 3))
     labels = np.repeat(np.arange(num_classes), per_class)
     images = patterns[labels] + 0.3 * rng.normal(size=(len(labels), size, size, 3))
+    pixels = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype("uint8")
     order = rng.permutation(len(labels))
-    return images[order].astype("float32"), labels[order].astype("int32")
+    return pixels[order], labels[order].astype("int32")
 
 
 @pytest.fixture(scope="module")

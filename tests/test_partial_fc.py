@@ -132,7 +132,8 @@ def test_tiny_model_learns_with_half_the_centres():
     rng = np.random.default_rng(9)
     patterns = rng.uniform(-1, 1, size=(16, 8, 8, 3))
     labels = np.repeat(np.arange(16), 4).astype("int32")
-    images = (patterns[labels] + 0.2 * rng.normal(size=(64, 8, 8, 3))).astype("float32")
+    images = patterns[labels] + 0.2 * rng.normal(size=(64, 8, 8, 3))
+    images = np.clip((images + 1.0) * 127.5, 0, 255).astype("float32")
     model = ArcFaceModel(dense_backbone(16), num_classes=16, margin="cosface", scale=16.0,
                          weight_decay=0.0, sample_rate=0.5)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)

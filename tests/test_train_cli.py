@@ -164,7 +164,7 @@ def test_train_end_to_end_saves_models_logs_and_summary(tfds_data_dir, tmp_path,
     assert int(model.optimizer.iterations) == 4
     assert model.sample_rate == 0.5 and model.head.sample_rate == 0.5
     embedder = keras.models.load_model(model_dir / train.EMBEDDING_FILE)
-    images = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     embeddings = embedder.predict(images, verbose=0)
     assert embeddings.shape == (3, 16)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-4)

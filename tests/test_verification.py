@@ -201,13 +201,13 @@ def _tiny_model(size=16):
     )
 
 
-def test_embed_uses_flip_and_normalises():
+def test_embed_feeds_pixels_and_their_mirror_images_and_normalises():
     model = _tiny_model()
     images = np.random.default_rng(5).integers(0, 256, (11, 16, 16, 3), dtype=np.uint8)
     embeddings = verification.embed(model, images, batch_size=4)
 
     def forward(x):
-        return model.predict((x.astype("float32") / 255.0 - 0.5) / 0.5, verbose=0).astype(np.float64)
+        return model.predict(x.astype("float32"), verbose=0).astype(np.float64)
 
     expected = forward(images) + forward(images[:, :, ::-1])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
