@@ -225,6 +225,50 @@ def test_two_replicas_step_like_one(tmp_path):
     assert "replicas agree" in out
 
 
+def test_sync_batch_norm_makes_two_replicas_step_like_one(tmp_path):
+    """With `sync_batch` the BatchNorm statistics span the global batch, so 2 replicas train like 1;
+    plain `batch` normalises each replica's half and ends elsewhere."""
+    out = run_python(
+        """
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, numpy as np
+        from faceid_keras import ArcFaceModel
+        from faceid_keras.backbones import normalization
+
+        rng = np.random.default_rng(1)
+        images = rng.integers(0, 256, size=(8, 8, 8, 3)).astype("uint8")
+        labels = rng.integers(0, 5, size=8).astype("int32")
+
+        def train(strategy, norm):
+            with strategy.scope():
+                keras.utils.set_random_seed(0)
+                inputs = keras.Input((8, 8, 3))
+                x = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+                x = normalization(norm, 4, "bn")(x)
+                x = keras.layers.Dense(8)(keras.layers.Flatten()(x))
+                model = ArcFaceModel(keras.Model(inputs, x), num_classes=5, scale=8.0)
+                model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), jit_compile=False)
+            model.fit(images, labels, batch_size=8, epochs=2, shuffle=False, verbose=0)
+            return [w.numpy() for w in model.weights]
+
+        def gap(a, b):
+            return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+        one = tf.distribute.OneDeviceStrategy("/cpu:0")
+        two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        synced = gap(train(one, "sync_batch"), train(two, "sync_batch"))
+        per_replica = gap(train(one, "batch"), train(two, "batch"))
+        print("gaps", synced, per_replica)
+        """,
+        cwd=tmp_path,
+    )
+    synced, per_replica = (float(v) for v in out.split("gaps")[-1].split())
+    assert synced < 1e-4
+    assert per_replica > 1e-3
+
+
 def test_public_names():
     assert faceid_keras.MarginHead.__name__ == "MarginHead"
     assert callable(faceid_keras.backbones.build)

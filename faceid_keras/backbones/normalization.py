@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from faceid_keras import compat
 
-NORMS = ("batch", "batch_renorm", "group")
+NORMS = ("batch", "sync_batch", "batch_renorm", "group")
 EPSILON = 1e-5  # insightface's BatchNorm eps
 MOMENTUM = 0.9  # PyTorch momentum 0.1 expressed as Keras's moving-average decay
 
@@ -120,10 +120,20 @@ def group_count(channels: int, max_groups: int = 32) -> int:
 
 
 def normalization(norm: str, channels: int, name: str, scale: bool = True, dtype=None) -> keras.layers.Layer:
-    """A normalisation layer over the last axis: `batch`, `batch_renorm` or `group` (see group_count)."""
-    if norm == "batch":
+    """A normalisation layer over the last axis: `batch`, `sync_batch`, `batch_renorm` or `group`.
+
+    `batch` normalises each replica's part of the batch on its own (like DDP without SyncBN);
+    `sync_batch` all-reduces the statistics across replicas, so N replicas train exactly like one
+    device with the global batch. `group` uses `group_count(channels)` groups.
+    """
+    if norm in ("batch", "sync_batch"):
         return keras.layers.BatchNormalization(
-            momentum=MOMENTUM, epsilon=EPSILON, scale=scale, name=name, dtype=dtype
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
+            scale=scale,
+            synchronized=norm == "sync_batch",
+            name=name,
+            dtype=dtype,
         )
     if norm == "batch_renorm":
         return BatchRenormalization(scale=scale, name=name, dtype=dtype)
