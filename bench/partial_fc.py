@@ -11,7 +11,12 @@ through /proc/self/clear_refs). The second understates: TensorFlow's pooling CPU
 the buffers that initialised the centres resident and reuses them for the step.
 
     python bench/partial_fc.py [--classes 100000,1000000] [--rates 1.0,0.1] [--batch 128]
-                               [--dim 512] [--steps 1]
+                               [--dim 512] [--steps 1] [--replicas 2]
+
+With `--replicas R` (> 1) it also lists, per class count, the bytes of class centres plus their
+SGD momentum that one replica holds under MirroredStrategy over R logical CPUs: mirrored (every
+replica a full copy, momentum from keras SGD) against `shard_centres=True` (each replica its
+shard), read from the variables' per-replica components.
 """
 from __future__ import annotations
 
@@ -118,16 +123,55 @@ def measure(num_classes: int, sample_rate: float, batch: int, dim: int, steps: i
     }
 
 
+def measure_replica_bytes(num_classes: int, dim: int, replicas: int) -> dict:
+    """Centre + momentum bytes on replica 0, mirrored vs sharded, on `replicas` logical CPUs."""
+    import keras
+    import tensorflow as tf
+
+    from faceid_keras.heads import MarginHead
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+
+    def replica0_bytes(variables):
+        first = [strategy.experimental_local_results(v.value)[0] for v in variables]
+        return sum(v.shape.num_elements() * v.dtype.size for v in first)
+
+    with strategy.scope():
+        mirrored = MarginHead(num_classes)
+        mirrored.build((None, dim))
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        optimizer.build([mirrored.centres])
+        sharded = MarginHead(num_classes, shard_centres=True)
+        sharded.build((None, dim))
+    return {
+        "classes": num_classes,
+        "replicas": replicas,
+        "mirrored_bytes": replica0_bytes([mirrored.centres, *optimizer.momentums]),
+        "sharded_bytes": replica0_bytes([sharded.centres, sharded.momentum]),
+    }
+
+
 def run_config(num_classes: int, rate: float, args: argparse.Namespace) -> dict:
     """Measures one configuration in a fresh interpreter."""
     command = [sys.executable, os.path.abspath(__file__), "--one", f"{num_classes}:{rate}",
                "--batch", str(args.batch), "--dim", str(args.dim), "--steps", str(args.steps)]
+    return _run(command, f"configuration {num_classes} classes, rate {rate}")
+
+
+def run_replica_bytes(num_classes: int, args: argparse.Namespace) -> dict:
+    """Measures the per-replica centre memory of one class count in a fresh interpreter."""
+    command = [sys.executable, os.path.abspath(__file__), "--bytes", str(num_classes),
+               "--dim", str(args.dim), "--replicas", str(args.replicas)]
+    return _run(command, f"per-replica bytes of {num_classes} classes")
+
+
+def _run(command: list[str], what: str) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"configuration {num_classes} classes, rate {rate} failed:\n{result.stderr[-3000:]}"
-        )
+        raise RuntimeError(f"{what} failed:\n{result.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -138,8 +182,14 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="logical CPUs of the per-replica memory rows; 1 skips them")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bytes", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.bytes:
+        print("RESULT " + json.dumps(measure_replica_bytes(args.bytes, args.dim, args.replicas)))
+        return
     if args.one:
         classes, rate = args.one.split(":")
         print("RESULT " + json.dumps(measure(int(classes), float(rate), args.batch, args.dim, args.steps)))
@@ -171,6 +221,14 @@ def main(argv=None) -> None:
             memory = "n/a" if a["peak_bytes"] is None else f"x{a['peak_bytes'] / max(b['peak_bytes'], 1):.3f}"
             print(f"{c} classes, rate {r} vs {full}: step time x{a['step_s'] / b['step_s']:.3f}, "
                   f"tf peak memory {memory}")
+    if args.replicas > 1:
+        print(f"Centres + momentum held by one replica of {args.replicas} (MirroredStrategy, "
+              f"logical CPUs), embedding {args.dim}")
+        print(f"{'classes':>9} {'mirrored MiB':>13} {'sharded MiB':>12} {'ratio':>7}")
+        for c in classes:
+            row = run_replica_bytes(c, args)
+            print(f"{c:>9} {mib(row['mirrored_bytes']):>13} {mib(row['sharded_bytes']):>12} "
+                  f"x{row['sharded_bytes'] / row['mirrored_bytes']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ class ArcFaceModel(keras.Model):
     keeps one dense momentum, so an unsampled row still moves by its decaying momentum, as in v2
     (the first version kept the momentum of unsampled rows aside, frozen). `call`, `evaluate` and
     `predict` always use all centres. sample_rate=1.0 is the plain full head, step for step.
+
+    `shard_centres=True` (Keras 3) splits the centres and their momentum across the replicas of
+    the strategy the model is built in (see `MarginHead`): each replica takes the distributed
+    cross-entropy of the global batch against its shard and steps the shard itself with the
+    compiled optimizer's learning rate and momentum, which must be keras.optimizers.SGD. Backbone
+    and centre gradients are exactly those of the unsharded model; with sampling each shard
+    samples within itself. Saved files hold the whole centres and load on any replica count.
     """
 
     def __init__(
@@ -47,6 +54,7 @@ class ArcFaceModel(keras.Model):
         dropout: float = 0.0,
         weight_decay: float = 5e-4,
         sample_rate: float = 1.0,
+        shard_centres: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -74,14 +82,19 @@ class ArcFaceModel(keras.Model):
         self.dropout = dropout
         self.weight_decay = float(weight_decay)
         self.head = MarginHead(
-            num_classes, margin=margin, scale=scale, sample_rate=sample_rate, name="margin_head"
+            num_classes, margin=margin, scale=scale, sample_rate=sample_rate, shard_centres=shard_centres,
+            name="margin_head",
         )
         self.sample_rate = self.head.sample_rate
+        self.shard_centres = self.head.shard_centres
         self.pixel_scaling = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")
         self.normalize = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")
         self.head.build((None, self.embedding_size))
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        if self.shard_centres:  # no replica holds every class's cosine: the head gives hits
+            self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+        else:
+            self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self(tf.zeros((1,) + self.image_shape))
 
     def call(self, images, training=None):
@@ -139,10 +152,62 @@ class ArcFaceModel(keras.Model):
             loss = loss + tf.add_n([tf.cast(x, "float32") for x in self.losses]) / replicas
         return loss, cosine, labels, replicas, centres
 
-    def _track(self, loss, cosine, labels, replicas):
-        batch = tf.shape(cosine)[0]
-        self.loss_tracker.update_state(loss * replicas, sample_weight=batch)
-        self.accuracy_tracker.update_state(labels, cosine)
+    def _sharded_forward(self, images, labels, training, shard, sample=False):
+        """`_forward` with sharded centres: (loss, cross-entropy objective, head result, replicas).
+
+        `loss` is this replica's share for the metric, as `_forward`'s; the objective holds the
+        cross-entropy of the whole global batch over its true size, whose gradient through the
+        head's distributed cross-entropy is this replica's exact part (see
+        `MarginHead.sharded_cross_entropy`).
+        """
+        embeddings = self._embed(images, training=training)
+        step = self.optimizer.iterations if sample else None
+        result = self.head.sharded_cross_entropy(embeddings, labels, shard, step)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        local_batch = tf.cast(tf.shape(result.local_loss)[0] * replicas, "float32")
+        loss = tf.reduce_sum(result.local_loss) / local_batch
+        objective = tf.reduce_sum(result.loss) / tf.cast(tf.shape(result.loss)[0], "float32")
+        if self.losses:
+            regularisation = tf.add_n([tf.cast(x, "float32") for x in self.losses]) / replicas
+            loss, objective = loss + regularisation, objective + regularisation
+        return loss, objective, result, replicas
+
+    def _sharded_train_step(self, images, labels):
+        """train_step with sharded centres: the compiled optimizer steps every other variable, the
+        head each replica's shard (SGD with the optimizer's learning rate and momentum).
+
+        The coupled weight decay of the shard's rows (all, or the sampled ones) is not divided by
+        the replicas: no other replica adds to that gradient. Under loss scaling a step with a
+        non-finite gradient on any replica (the shards' included) is skipped everywhere: every
+        replica then hands the optimizer non-finite gradients and leaves its shard alone.
+        """
+        self.head.check_optimizer(self.optimizer)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            shard = self.head.read_shard()
+            tape.watch(shard)
+            loss, objective, result, replicas = self._sharded_forward(
+                images, labels, training=True, shard=shard, sample=self.head.sampling
+            )
+            if self.weight_decay:
+                decay = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, "float32"))) for v in variables])
+                decay = decay / replicas + tf.reduce_sum(tf.square(result.rows))
+                objective = objective + 0.5 * self.weight_decay * decay
+            objective = compat.scale_loss(self.optimizer, objective)
+        gradients = tape.gradient(objective, variables + [shard])
+        gradients, shard_gradient = gradients[:-1], gradients[-1]
+        finite = None
+        if compat.is_loss_scale_optimizer(self.optimizer):
+            finite = _all_finite(gradients + [shard_gradient])
+            gradients = [_poison(g, finite) for g in gradients]
+        self.head.apply_shard_gradient(shard_gradient, self.optimizer, finite)
+        compat.apply_gradients(self.optimizer, gradients, variables)
+        return self._track(loss, replicas, result.hits)
+
+    def _track(self, loss, replicas, *accuracy):
+        """Updates the metrics; `accuracy` is (labels, cosines), or (hits,) with sharded centres."""
+        self.loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(accuracy[0])[0])
+        self.accuracy_tracker.update_state(*accuracy)
         return compat.per_replica_logs({m.name: m.result() for m in self.metrics})
 
     @staticmethod
@@ -156,6 +221,8 @@ class ArcFaceModel(keras.Model):
 
     def train_step(self, data):
         images, labels = self._unpack(data)
+        if self.shard_centres:
+            return self._sharded_train_step(images, labels)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             loss, cosine, labels, replicas, centres = self._forward(
@@ -171,12 +238,17 @@ class ArcFaceModel(keras.Model):
             objective = compat.scale_loss(self.optimizer, objective)
         gradients = tape.gradient(objective, variables)
         compat.apply_gradients(self.optimizer, gradients, variables)
-        return self._track(loss, cosine, labels, replicas)
+        return self._track(loss, replicas, labels, cosine)
 
     def test_step(self, data):
         images, labels = self._unpack(data)
+        if self.shard_centres:
+            loss, _, result, replicas = self._sharded_forward(
+                images, labels, training=False, shard=self.head.read_shard()
+            )
+            return self._track(loss, replicas, result.hits)
         loss, cosine, labels, replicas, _ = self._forward(images, labels, training=False)
-        return self._track(loss, cosine, labels, replicas)
+        return self._track(loss, replicas, labels, cosine)
 
     def embedding_model(self) -> keras.Model:
         """A functional model [0, 255] pixel images -> L2-normalised float32 embeddings, without the
@@ -199,6 +271,7 @@ class ArcFaceModel(keras.Model):
             dropout=self.dropout,
             weight_decay=self.weight_decay,
             sample_rate=self.sample_rate,
+            shard_centres=self.shard_centres,
         )
         return config
 
@@ -207,3 +280,23 @@ class ArcFaceModel(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def _all_finite(gradients):
+    """Whether every gradient is finite on every replica (one all-reduce of a flag)."""
+    values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in gradients if g is not None]
+    bad = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values]), "float32")
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    return tf.equal(bad, 0.0)
+
+
+def _poison(gradient, finite):
+    """`gradient` where `finite`, else NaN: the loss-scale optimizer then skips the step."""
+    if gradient is None:
+        return None
+    poison = tf.where(finite, 0.0, float("nan"))
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values + tf.cast(poison, gradient.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return gradient + tf.cast(poison, gradient.dtype)

@@ -125,6 +125,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--scale", type=float, default=64.0, help="logit scale s (default: 64)")
     model.add_argument("--sample_rate", type=_fraction, default=1.0,
                        help="Partial FC: fraction of class centres sampled each step (default: 1, all)")
+    model.add_argument("--shard_centres", action="store_true",
+                       help="hold each replica's 1/R of the class centres and their momentum "
+                       "(model parallel, as insightface's partial_fc_v2); needs SGD and Keras 3")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_epochs", type=positive_int, default=20)
     optim.add_argument("--batch_size", type=positive_int, default=128, help="batch size per replica")
@@ -435,6 +438,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             dropout=args.dropout,
             weight_decay=args.weight_decay,
             sample_rate=args.sample_rate,
+            shard_centres=args.shard_centres,
         )
         schedule = learning_rate_schedule(args, steps_per_epoch)
         optimizer = placement.wrap_optimizer(keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum))

@@ -47,7 +47,7 @@ _TRAIN = textwrap.dedent(
     # from memory (no files), so it is sharded by DATA: each worker reads it all and keeps its
     # part of every global batch; AUTO would try FILE sharding first and fall back with a warning.
     rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (24, 8, 8, 3)).astype("float32")
+    images = rng.uniform(0, 255, (24, 8, 8, 3)).astype("float32")
     labels = (np.arange(24) % 12).astype("int32")
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
