@@ -183,10 +183,13 @@ def train_dataset(
         if serialized:
             batch = tf.io.parse_example(batch, features)
         flips = tf.equal(tf.bitwise.bitwise_and(keys, 1), 1)
+        # One image after another within a batch: the parallel map runs batches side by side,
+        # and a parallel loop inside each only adds thread hand-offs.
         images = tf.map_fn(
             decode_and_flip,
             (batch["image"], flips),
             fn_output_signature=tf.TensorSpec(static_shape, tf.uint8),
+            parallel_iterations=1,
         )
         return images, tf.cast(batch["label"], tf.int32)
 
