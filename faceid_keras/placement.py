@@ -23,8 +23,9 @@ when the cluster has no chief; NPU rank 0) may write shared files. Keras 3 callb
 about workers (ModelCheckpoint, BackupAndRestore, CSVLogger and TensorBoard write from every
 process to the same path), so give the pure writers (CSVLogger, TensorBoard) to the chief only.
 On Keras 3, saving an ArcFaceModel (`save`, `save_weights`) reads only mirrored variables, with
-no collective op; on Keras 2, BatchNormalization's statistics are sync-on-read variables, whose
-reading is a collective op every worker must join. So a callback that every worker must keep (a
+no collective op, unless its centres are sharded (`shard_centres=True`: saving all-gathers the
+shards); on Keras 2, BatchNormalization's statistics are sync-on-read variables, whose reading is
+a collective op every worker must join. So a callback that every worker must keep (a
 checkpoint callback) or a save writes into `output_dir(path)` on every worker: the path itself on
 the chief, a private temporary folder, deleted afterwards, elsewhere.
 
