@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 # Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
 # keras.models.load_model needs no custom_objects.
 from faceid_keras import verification
-from faceid_keras.cli import positive_int
+from faceid_keras.argtypes import positive_int
 
 
 def format_table(results: Mapping[str, dict]) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from faceid_keras.placement import Placement
+from faceid_keras.placement import Placement, StrategyPlacement
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -38,7 +38,7 @@ _TRAIN = textwrap.dedent(
     import tensorflow as tf
 
     from faceid_keras.model import ArcFaceModel
-    from faceid_keras.placement import Placement
+    from faceid_keras.placement import Placement, StrategyPlacement
 
     out, result = sys.argv[1], sys.argv[2]
     placement = Placement.create("cpu")
@@ -178,7 +178,7 @@ def test_chief_is_the_chief_task_or_worker_zero(monkeypatch):
         monkeypatch.setenv("TF_CONFIG", json.dumps(config))
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         strategy = type("Strategy", (), {"cluster_resolver": resolver, "num_replicas_in_sync": 1})()
-        return Placement("cpu", strategy=strategy)
+        return StrategyPlacement("cpu", strategy=strategy)
 
     two = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
     assert placement(two, "worker", 0).is_chief and not placement(two, "worker", 1).is_chief
@@ -205,7 +205,7 @@ def test_each_worker_gets_its_share_of_the_records_and_of_the_batch(monkeypatch)
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         replicas = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
         strategy = type("Strategy", (), {"cluster_resolver": resolver, "num_replicas_in_sync": replicas})()
-        placement = Placement("cpu", strategy=strategy)
+        placement = StrategyPlacement("cpu", strategy=strategy)
         records, batch = placement.distribute_dataset(tf.data.Dataset.range(12), 6)
         return placement.worker_count, placement.worker_index, [int(r) for r in records], batch
 

@@ -10,9 +10,9 @@ import keras
 import pytest
 import tensorflow as tf
 
-from callbacks import LossScaleMonitor, NPUPlacement
+from callbacks import BroadcastInitialWeights, LossScaleMonitor, for_placement
 from faceid_keras import compat
-from faceid_keras.placement import Placement
+from faceid_keras.placement import AscendPlacement, Placement, StrategyPlacement
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_NPU = Path(__file__).resolve().parent / "fake_npu_device"
@@ -51,12 +51,13 @@ def _tiny_model():
 
 def test_cpu_fp32_is_plain_keras():
     placement = Placement.create("cpu")
+    assert isinstance(placement, StrategyPlacement)
     assert placement.device == "cpu" and placement.precision == "fp32"
     assert placement.num_replicas_in_sync == 1
     assert keras.mixed_precision.global_policy().name == "float32"
     optimizer = keras.optimizers.SGD(0.1)
     assert placement.wrap_optimizer(optimizer) is optimizer
-    assert placement.callbacks() == []
+    assert for_placement(placement) == []
     dataset = tf.data.Dataset.range(10)
     assert placement.distribute_dataset(dataset, 4) == (dataset, 4)
     with placement.scope():
@@ -70,7 +71,6 @@ def test_auto_without_npu_or_gpu_is_cpu():
 
 def test_mixed_float16_wraps_once_and_compile_keeps_it():
     placement = Placement.create("cpu", precision="mixed_float16")
-    assert keras.mixed_precision.global_policy().name == "mixed_float16"
     assert placement.loss_scaling
     wrapped = placement.wrap_optimizer(keras.optimizers.SGD(0.1))
     assert isinstance(wrapped, keras.mixed_precision.LossScaleOptimizer)
@@ -79,15 +79,31 @@ def test_mixed_float16_wraps_once_and_compile_keeps_it():
     model.compile(optimizer=wrapped, loss="mse")
     assert model.optimizer is wrapped
     assert not isinstance(wrapped.inner_optimizer, keras.mixed_precision.LossScaleOptimizer)
-    assert [type(c) for c in placement.callbacks()] == [LossScaleMonitor]
+    assert [type(c) for c in for_placement(placement)] == [LossScaleMonitor]
 
 
 def test_mixed_bfloat16_sets_policy_without_loss_scaling():
     placement = Placement.create("cpu", precision="mixed_bfloat16")
-    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    with placement.scope():
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     optimizer = keras.optimizers.SGD(0.1)
     assert placement.wrap_optimizer(optimizer) is optimizer
-    assert placement.callbacks() == []
+    assert for_placement(placement) == []
+
+
+def test_the_policy_holds_inside_scope_only():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    placement = Placement.create("cpu", precision="mixed_float16")
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    with placement.scope():
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+        layer = keras.layers.Dense(2)
+    assert layer.dtype_policy.name == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    with pytest.raises(RuntimeError, match="inside"):
+        with placement.scope():
+            raise RuntimeError("inside")
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -131,13 +147,15 @@ def test_fake_npu_options_reject_unknown_fields(fake_npu):
 def test_npu_one_device_calls_in_order(fake_npu, monkeypatch):
     monkeypatch.setenv("ASCEND_DEVICE_ID", "3")
     placement = Placement.create(precision="mixed_float16")
+    assert isinstance(placement, AscendPlacement) and not placement.broadcasts_initial_weights
     assert placement.device == "npu" and placement.num_replicas_in_sync == 1
-    assert keras.mixed_precision.global_policy().name == "float32"
+    with placement.scope():
+        assert keras.mixed_precision.global_policy().name == "float32"
     optimizer = placement.wrap_optimizer(keras.optimizers.SGD(0.1))
     assert placement.wrap_optimizer(optimizer) is optimizer
     dataset = tf.data.Dataset.range(8)
     assert placement.distribute_dataset(dataset, 4) == (dataset, 4)
-    assert [type(c) for c in placement.callbacks()] == [LossScaleMonitor]
+    assert [type(c) for c in for_placement(placement)] == [LossScaleMonitor]
     assert fake_npu.CALLS == [
         ("global_options", {}),
         ("global_options.set", {"field": "precision_mode", "value": "allow_mix_precision"}),
@@ -152,7 +170,7 @@ def test_npu_fp32_uses_force_fp32_and_no_loss_scaling(fake_npu):
     placement = Placement.create("npu", precision="fp32")
     optimizer = keras.optimizers.SGD(0.1)
     assert placement.wrap_optimizer(optimizer) is optimizer
-    assert placement.callbacks() == []
+    assert for_placement(placement) == []
     assert fake_npu.CALLS == [
         ("global_options", {}),
         ("global_options.set", {"field": "precision_mode", "value": "force_fp32"}),
@@ -189,8 +207,8 @@ def test_npu_two_ranks_shard_wrap_and_broadcast_in_order(fake_npu, monkeypatch):
     shard, batch_size = placement.distribute_dataset(records, 8)
     assert batch_size == 4
     assert [int(x[0]) for x, _ in shard] == list(range(1, 16, 2))
-    callbacks = placement.callbacks()
-    assert [type(c) for c in callbacks] == [NPUPlacement, LossScaleMonitor]
+    callbacks = for_placement(placement)
+    assert [type(c) for c in callbacks] == [BroadcastInitialWeights, LossScaleMonitor]
     history = model.fit(shard.batch(batch_size), epochs=1, verbose=0, callbacks=callbacks)
     assert history.history["skipped_steps"] == [0]
     assert fake_npu.CALLS == _two_rank_float16_calls(device_id=0, global_batch=8, model=model)
@@ -221,7 +239,7 @@ def test_npu_arcface_fit_on_the_tfds_pipeline_makes_the_npu_calls_in_order(fake_
     dataset = data.train_dataset(str(tfds_data_dir), batch_size=8, seed=0, placement=placement)
     images, labels = next(iter(dataset))
     assert images.shape[0] == 4 and labels.shape == (4,)  # this rank's half of the global batch
-    history = model.fit(dataset.take(3), epochs=1, verbose=0, callbacks=placement.callbacks())
+    history = model.fit(dataset.take(3), epochs=1, verbose=0, callbacks=for_placement(placement))
     assert fake_npu.CALLS == _two_rank_float16_calls(device_id=1, global_batch=8, model=model)
     # float32 on the host: nothing overflows at the initial scale.
     assert history.history["skipped_steps"] == [0] and history.history["last_step_finite"] == [1]
@@ -283,7 +301,7 @@ _TWO_REPLICAS = textwrap.dedent(
     import numpy as np
 
     from faceid_keras.model import ArcFaceModel
-    from faceid_keras.placement import Placement
+    from faceid_keras.placement import AscendPlacement, Placement, StrategyPlacement
 
 
     def backbone():
