@@ -1,9 +1,7 @@
 """Placement: device and precision choice, optimizer wrapping, the NPU call protocol, 2 replicas."""
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import keras
@@ -13,8 +11,8 @@ import tensorflow as tf
 from callbacks import BroadcastInitialWeights, LossScaleMonitor, for_placement
 from faceid_keras import compat
 from faceid_keras.placement import AscendPlacement, Placement, StrategyPlacement
+from helpers import run_worker
 
-REPO = Path(__file__).resolve().parents[1]
 FAKE_NPU = Path(__file__).resolve().parent / "fake_npu_device"
 
 
@@ -289,67 +287,9 @@ def test_npu_rank_outside_rank_size_raises(fake_npu, monkeypatch):
         Placement.create()
 
 
-_TWO_REPLICAS = textwrap.dedent(
-    """
-    import json
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-    import keras
-    import numpy as np
-
-    from faceid_keras.model import ArcFaceModel
-    from faceid_keras.placement import AscendPlacement, Placement, StrategyPlacement
-
-
-    def backbone():
-        inputs = keras.Input((8, 8, 3))
-        x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
-        x = keras.layers.GroupNormalization(groups=2)(x)
-        x = keras.layers.Flatten()(x)
-        return keras.Model(inputs, keras.layers.Dense(8)(x))
-
-
-    def train_one_step(placement, images, labels, weights):
-        with placement.scope():
-            model = ArcFaceModel(backbone(), num_classes=5, weight_decay=5e-4)
-            if weights is not None:
-                model.set_weights(weights)
-            start = model.get_weights()
-            model.compile(optimizer=placement.wrap_optimizer(keras.optimizers.SGD(0.01, momentum=0.9)))
-        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(len(labels))
-        model.fit(dataset, epochs=1, verbose=0)
-        return start, model.get_weights()
-
-
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (8, 8, 8, 3)).astype("float32")
-    labels = rng.integers(0, 5, 8).astype("int32")
-    two = Placement.create("cpu", devices=["/cpu:0", "/cpu:1"])
-    one = Placement.create("cpu")
-    start, after_two = train_one_step(two, images, labels, None)
-    _, after_one = train_one_step(one, images, labels, start)
-    print("RESULT " + json.dumps({
-        "replicas": [two.num_replicas_in_sync, one.num_replicas_in_sync],
-        "devices": list(two.device_names),
-        "update": max(float(np.max(np.abs(a - s))) for a, s in zip(after_one, start)),
-        "diff": max(float(np.max(np.abs(a - b))) for a, b in zip(after_two, after_one)),
-    }))
-    """
-)
-
-
-def test_two_cpu_replicas_step_like_one_replica_with_the_global_batch(tmp_path):
-    script = tmp_path / "two_replicas.py"
-    script.write_text(_TWO_REPLICAS)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run(
-        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
+def test_two_cpu_replicas_step_like_one_replica_with_the_global_batch():
+    lines = [line for line in run_worker("two_replicas_step").splitlines() if line.startswith("RESULT ")]
+    assert lines
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["replicas"] == [2, 1]
     assert len(result["devices"]) == 2
