@@ -47,14 +47,52 @@ class BinPackError(ValueError):
     """A malformed or refused `.bin` pack; the message names the file and what is wrong."""
 
 
+_OPCODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+_COUNT_BYTES = {
+    pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
+    pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
+    pickletools.TAKEN_FROM_ARGUMENT4U: (4, False),
+    pickletools.TAKEN_FROM_ARGUMENT8U: (8, False),
+}
+
+
 def _scan(data: bytes) -> None:
-    """Walk the pickle's opcodes without building objects: every length must fit in the data."""
-    try:
-        for opcode, _, pos in pickletools.genops(data):
-            if opcode.name in _REFUSED_OPCODES:
-                raise pickle.UnpicklingError(f"opcode {opcode.name} at byte {pos} is not allowed")
-    except (ValueError, OverflowError) as e:
-        raise pickle.UnpicklingError(f"malformed pickle stream: {e}") from None
+    """Walk the pickle's opcodes without building or decoding anything: every length an opcode
+    announces must fit in the bytes that follow it (the unpickler allocates a length before it
+    reads), and opcodes that reach outside the stream are refused."""
+    pos, end = 0, len(data)
+    while pos < end:
+        op = _OPCODES.get(data[pos])
+        if op is None:
+            raise pickle.UnpicklingError(f"unknown opcode 0x{data[pos]:02x} at byte {pos}")
+        if op.name in _REFUSED_OPCODES:
+            raise pickle.UnpicklingError(f"opcode {op.name} at byte {pos} is not allowed")
+        start, pos = pos, pos + 1
+        kind = op.arg.n if op.arg is not None else 0
+        if kind >= 0:
+            size = kind
+        elif kind == pickletools.UP_TO_NEWLINE:
+            lines = 2 if op.arg.name == "stringnl_noescape_pair" else 1
+            size = pos
+            for _ in range(lines):
+                size = data.find(b"\n", size) + 1
+                if not size:
+                    raise pickle.UnpicklingError(f"{op.name} at byte {start}: no end of line")
+            size -= pos
+        else:
+            width, signed = _COUNT_BYTES[kind]
+            count = int.from_bytes(data[pos : pos + width], "little", signed=signed)
+            if count < 0:
+                raise pickle.UnpicklingError(f"{op.name} at byte {start}: negative length {count}")
+            size = width + count
+        if pos + size > end:
+            raise pickle.UnpicklingError(
+                f"{op.name} at byte {start} announces {size} bytes but only {end - pos} follow"
+            )
+        pos += size
+        if op.name == "STOP":
+            return
+    raise pickle.UnpicklingError("pickle data ends without STOP")
 
 
 def _nbytes(shape: Any, dtype: np.dtype) -> int:

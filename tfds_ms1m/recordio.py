@@ -149,6 +149,8 @@ def read_index(idx_path: PathLike | BinaryIO) -> tuple[np.ndarray, np.ndarray]:
             f.close()
     if isinstance(text, str):
         text = text.encode()
+    if not text.strip():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     try:
         pairs = np.loadtxt(io.BytesIO(text), dtype=np.int64, ndmin=2, comments=None)
         if pairs.size and pairs.shape[1] != 2:
