@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 # Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
 # keras.models.load_model needs no custom_objects.
-from faceid_keras import verification
+from faceid_keras import model_file, verification
 from faceid_keras.argtypes import positive_int
 
 
@@ -62,11 +62,9 @@ def plot_roc(results: Mapping[str, dict], path: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
     """Loads the model and the targets, evaluates them, prints the table, optionally plots the ROC."""
-    import keras
-
     names = [name for name in args.targets.split(",") if name]
     targets = verification.load_targets(args.data_path, names)
-    model = keras.models.load_model(args.model)
+    model = model_file.load_model(args.model)
     results = {}
     for name, (images, issame) in targets.items():
         results[name] = verification.verify(model, images, issame, args.batch_size)
