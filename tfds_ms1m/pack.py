@@ -120,7 +120,10 @@ def prepare_image(path: str, root: str, image_size: int, points: np.ndarray | No
     if points is not None:
         from faceid_keras import alignment
 
-        pixels = alignment.align_face(pixels, points, image_size=image_size)
+        try:
+            pixels = alignment.align_face(pixels, points, image_size=image_size)
+        except ValueError as err:
+            return Prepared(path, None, f"cannot be aligned: {err}")
     elif pixels.shape[:2] != (image_size, image_size):
         resized = Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR)
         pixels = np.asarray(resized)
@@ -369,7 +372,15 @@ def pack(
     for name, _ in pairs:
         if not name or "/" in name or os.sep in name or name.startswith("."):
             raise PackError(f"--pairs name {name!r}: expected a plain file name such as lfw")
-    points = landmark_files.read_landmarks(landmarks) if landmarks is not None else None
+    points = None
+    if landmarks is not None:
+        from faceid_keras import alignment
+
+        try:
+            alignment.template(image_size)
+        except ValueError as err:
+            raise PackError(f"--landmarks with --image_size {image_size}: {err}") from None
+        points = landmark_files.read_landmarks(landmarks)
     workers = workers or min(8, os.cpu_count() or 1)
     os.makedirs(output_dir, exist_ok=True)
     summary = PackSummary()
