@@ -30,7 +30,11 @@ SEARCH_CHUNK = 65_536
 def load_face(
     image: str | os.PathLike | np.ndarray, image_size: tuple[int, int] | None, landmarks: np.ndarray | None = None
 ) -> np.ndarray:
-    """A uint8 [H, W, 3] face: aligned by `landmarks` when given, else resized to `image_size` if needed."""
+    """A uint8 [H, W, 3] face: aligned by `landmarks` when given, and resized to `image_size` if needed.
+
+    Alignment is at `image_size` when insightface's template is defined there (multiples of 112 or
+    128), else at 112 and then resized.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, np.ndarray):
@@ -46,7 +50,10 @@ def load_face(
     if landmarks is not None:
         from faceid_keras import alignment
 
-        return alignment.align_face(pixels, np.asarray(landmarks, dtype=np.float64), image_size=(image_size or (112, 112))[0])
+        side = (image_size or (112, 112))[0]
+        if side % 112 and side % 128:  # the template is defined at these sizes: align at 112, then resize
+            side = 112
+        pixels = alignment.align_face(pixels, np.asarray(landmarks, dtype=np.float64), image_size=side)
     if image_size is not None and pixels.shape[:2] != tuple(image_size):
         resized = Image.fromarray(pixels).resize((image_size[1], image_size[0]), Image.BILINEAR)
         pixels = np.asarray(resized)
