@@ -104,18 +104,22 @@ def test_centres_start_at_identity_means_and_backbone_can_stay_frozen(fresh, new
         np.testing.assert_array_equal(after.numpy(), before)
 
 
-def test_freeze_backbone_unfreezes_after_its_epochs(fresh):
+def test_freeze_backbone_unfreezes_after_its_epochs_and_keeps_bn_frozen(fresh):
     images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(32) % 4
     model = ArcFaceModel(backbone=finetune.load_backbone(str(fresh)), num_classes=4)
+    assert finetune.freeze_batch_norm(model.backbone) == 3
     model.compile(optimizer=keras.optimizers.SGD(0.1))
-    kernel = model.backbone.layers[0].kernel
+    kernel, moving_mean = model.backbone.layers[0].kernel, model.backbone.layers[1].moving_mean
     snapshots = []
-    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: snapshots.append(kernel.numpy()))
-    start = kernel.numpy()
-    model.fit(images, labels, batch_size=16, epochs=2, verbose=0, callbacks=[finetune.FreezeBackbone(1), record])
-    np.testing.assert_array_equal(snapshots[0], start)
-    assert not np.allclose(snapshots[1], start)
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: snapshots.append((kernel.numpy(), moving_mean.numpy())))
+    start = (kernel.numpy(), moving_mean.numpy())
+    model.fit(images, labels, batch_size=16, epochs=2, verbose=0,
+              callbacks=[finetune.FreezeBackbone(1, freeze_bn=True), record])
+    np.testing.assert_array_equal(snapshots[0][0], start[0])  # epoch 1: head only
+    assert not np.allclose(snapshots[1][0], start[0])  # epoch 2: the backbone trains
+    np.testing.assert_array_equal(snapshots[1][1], start[1])  # its BatchNorm statistics do not
 
 
 def test_init_from_refuses_other_sizes_and_models(fresh, tmp_path):
