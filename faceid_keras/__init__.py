@@ -12,5 +12,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from faceid_keras import backbones, schedules  # noqa: E402
 from faceid_keras.heads import MarginHead  # noqa: E402
 from faceid_keras.model import ArcFaceModel  # noqa: E402
+from faceid_keras.verifier import FaceVerifier  # noqa: E402
 
-__all__ = ["ArcFaceModel", "MarginHead", "backbones", "schedules"]
+__all__ = ["ArcFaceModel", "FaceVerifier", "MarginHead", "backbones", "schedules"]

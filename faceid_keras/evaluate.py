@@ -32,6 +32,33 @@ def format_table(results: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_decisions(results: Mapping[str, dict]) -> str:
+    """Per target and FAR: the threshold (cosine similarity and squared distance) and the TAR there."""
+    header = ("target", "FAR", "cosine >", "sq. distance <", "TAR", "FAR measured")
+    rows: list[tuple[str, ...]] = []
+    for name, result in results.items():
+        for decision in result["decisions"]:
+            far = f"{decision['far_target']:g}"
+            if decision["too_small"]:
+                rows.append((name, far, f"set too small: {decision['different_pairs']} different pairs, "
+                             f"needs {decision['needed_different_pairs']}"))
+            else:
+                rows.append((name, far, f"{decision['cosine']:.5f}", f"{decision['squared_distance']:.5f}",
+                             f"{decision['tar']:.5f}", f"{decision['far']:.6f}"))
+    table = [row for row in (header, *rows) if len(row) == len(header)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    widths[:2] = [max(len(row[i]) for row in (header, *rows)) for i in range(2)]
+    lines = []
+    for row in (header, *rows):
+        cells = [row[0].ljust(widths[0]), row[1].rjust(widths[1])]
+        if len(row) == len(header):
+            cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:])]
+        else:
+            cells.append(row[2])
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
 def plot_roc(results: Mapping[str, dict], path: str) -> None:
     """Writes the ROC curves (TPR against log-scale FPR, one per target, AUC in the legend) to path."""
     import matplotlib
@@ -69,6 +96,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     for name, (images, issame) in targets.items():
         results[name] = verification.verify(model, images, issame, args.batch_size)
     print(format_table(results))
+    print()
+    print("Decision thresholds over all pairs (same person when cosine > threshold):")
+    print(format_decisions(results))
     if args.roc_plot:
         plot_roc(results, args.roc_plot)
         print(f"ROC curves written to {args.roc_plot}")

@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 
 import tfds_ms1m
 from callbacks import ThroughputLogger, VerificationCallback, for_placement
-from faceid_keras import backbones, data, schedules, verification
+from faceid_keras import backbones, data, finetune, schedules, verification
 from faceid_keras.backup import TrainingBackup
 from faceid_keras.argtypes import fraction, non_negative_float, non_negative_int, positive_int
 from faceid_keras.model import ArcFaceModel
@@ -107,6 +107,13 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--shard_centres", action="store_true",
                        help="hold each replica's 1/R of the class centres and their momentum "
                        "(model parallel, as insightface's partial_fc_v2); needs SGD and Keras 3")
+    tune = parser.add_argument_group("fine-tuning")
+    tune.add_argument("--init_from", default=None, metavar="MODEL",
+                      help="start from the backbone of this saved .keras (ArcFaceModel or embedding model); "
+                      "class centres start at each identity's mean embedding")
+    tune.add_argument("--freeze_bn", action="store_true", help="keep the backbone's BatchNorm layers fixed")
+    tune.add_argument("--freeze_backbone_epochs", type=non_negative_int, default=0,
+                      help="train the margin head alone for this many first epochs (default: 0)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_epochs", type=positive_int, default=20)
     optim.add_argument("--batch_size", type=positive_int, default=128, help="batch size per replica")
@@ -406,8 +413,12 @@ def train(args: argparse.Namespace) -> TrainResult:
     )
 
     with placement.scope():
+        backbone = args.backbone
+        if args.init_from:
+            backbone = finetune.load_backbone(args.init_from)
+            finetune.check_image_size(backbone, image_size, args.init_from)
         model = ArcFaceModel(
-            backbone=args.backbone,
+            backbone=backbone,
             num_classes=num_classes,
             embedding_size=args.embedding_size,
             margin=args.margin,
@@ -419,6 +430,8 @@ def train(args: argparse.Namespace) -> TrainResult:
             sample_rate=args.sample_rate,
             shard_centres=args.shard_centres,
         )
+        if args.freeze_bn:
+            finetune.freeze_batch_norm(model.backbone)
         schedule = learning_rate_schedule(args, steps_per_epoch)
         optimizer = placement.wrap_optimizer(keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum))
         model.compile(optimizer=optimizer, jit_compile=JIT_COMPILE[args.jit_compile])
@@ -427,6 +440,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         os.path.join(model_dir, "backup"), steps_per_epoch, epochs, args.backup_steps, chief=placement.is_chief
     )
     state = backup.read_state()
+    if args.init_from and not state:
+        print(f"Initialised {finetune.init_centres(model, data_dir, image_size, args.batch_size)} class "
+              f"centres from {args.init_from}")
     _check_same_step(placement, state["step"] if state else 0, backup.backup_dir)
     step = backup.restore(model)
     if step:
@@ -442,6 +458,8 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     stop_on_nan = StopOnNaN(steps_per_epoch, first_step=step)
     callbacks = [*for_placement(placement), stop_on_nan, ThroughputLogger(global_batch)]
+    if args.freeze_backbone_epochs:
+        callbacks.append(finetune.FreezeBackbone(args.freeze_backbone_epochs, args.freeze_bn))
     if targets:
         callbacks.append(VerificationCallback(targets))
     if placement.is_chief:

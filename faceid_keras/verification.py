@@ -35,6 +35,7 @@ import numpy as np
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 FAR_TARGET = 1e-3
+DECISION_FARS = (1e-2, 1e-3, 1e-4)
 DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30")
 
 
@@ -120,7 +121,8 @@ def evaluate_distances(
     Returns a dict: pairs, accuracy, accuracy_std, fold_accuracies, fold_thresholds; threshold and
     best_accuracy (the single best threshold for all pairs together and its accuracy); val,
     val_std, far, fold_val, fold_far, val_thresholds (VAL@FAR=far_target); tpr and fpr (the ROC
-    over ACCURACY_THRESHOLDS, averaged over folds) and auc.
+    over ACCURACY_THRESHOLDS, averaged over folds) and auc; decisions (`decision_thresholds` at
+    FAR 1e-2, 1e-3, 1e-4 over all pairs).
     """
     dist, issame = _validate_pairs(dist, issame)
     folds = fold_slices(len(dist), nrof_folds)
@@ -176,7 +178,47 @@ def evaluate_distances(
         "tpr": tpr,
         "fpr": fpr,
         "auc": auc,
+        "decisions": decision_thresholds(dist, issame),
     }
+
+
+def threshold_at_far(dist: np.ndarray, issame: np.ndarray, far: float) -> dict:
+    """The decision threshold at false accept rate ``far`` over all pairs, and the TAR there.
+
+    A pair is "same" when its cosine similarity is above ``cosine`` (equivalently, for unit
+    embeddings, when its squared distance is below ``squared_distance`` = 2 - 2 * cosine). The
+    threshold is the (k+1)-th largest similarity of the different pairs, k = floor(far * D) for D
+    different pairs, so at most k of them are accepted (fewer on ties). A FAR needs D >= 1 / far
+    pairs to be measured at all; below that the result has ``too_small`` True and no threshold.
+    """
+    dist, issame = _validate_pairs(dist, issame)
+    if not 0 < far < 1:
+        raise ValueError(f"far must be in (0, 1), got {far}.")
+    different = np.sort(1.0 - dist[~issame] / 2.0)[::-1]
+    needed = int(np.ceil(1.0 / far - 1e-9))
+    result = {"far_target": far, "different_pairs": len(different), "same_pairs": int(issame.sum()),
+              "needed_different_pairs": needed}
+    if len(different) < needed:
+        return {**result, "too_small": True}
+    allowed = int(np.floor(far * len(different) + 1e-9))
+    cosine = float(different[allowed])
+    similarity = 1.0 - dist / 2.0
+    accepted = similarity > cosine
+    return {
+        **result,
+        "too_small": False,
+        "cosine": cosine,
+        "squared_distance": 2.0 - 2.0 * cosine,
+        "far": float(_rate(np.sum(accepted & ~issame), len(different))),
+        "tar": float(_rate(np.sum(accepted & issame), issame.sum())),
+    }
+
+
+def decision_thresholds(
+    dist: np.ndarray, issame: np.ndarray, fars: Sequence[float] = DECISION_FARS
+) -> list[dict]:
+    """`threshold_at_far` at each of ``fars``."""
+    return [threshold_at_far(dist, issame, far) for far in fars]
 
 
 def evaluate(

@@ -31,3 +31,16 @@ def tfds_data_dir(synthetic_folder, tmp_path_factory):
         builder = tfds.builder(f"ms1m_arcface/{name}", data_dir=str(data_dir))
         builder.download_and_prepare(download_config=config)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def synthetic_image_tree(synthetic_folder, tmp_path_factory):
+    """`synthetic_folder`'s training images as files: <tree>/id_<label>/<key>.jpg (8 x 6, 32x32 JPEG)."""
+    from tfds_ms1m import recordio
+
+    tree = tmp_path_factory.mktemp("image_tree")
+    for key, label, image in recordio.iter_images(synthetic_folder):
+        folder = tree / f"id_{label}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{key:03d}.jpg").write_bytes(image)
+    return tree
