@@ -7,7 +7,6 @@ import argparse
 import sys
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """Returns the `faceid` parser with one subcommand per module."""
     from faceid_keras import calibrate, demo, evaluate, faces, train
