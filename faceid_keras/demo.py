@@ -1,8 +1,8 @@
 """`faceid demo`: the whole workflow in a few minutes on synthetic faces.
 
 Writes a small synthetic dataset in insightface's format, builds it with the `ms1m_arcface` tfds
-builder, trains a small backbone through `faceid train`'s code path while verifying on lfw /
-cfp_fp / agedb_30 after every epoch, then reloads the saved embedding model with
+builder, trains a small backbone with `faceid_keras.training.train` (what `faceid train` runs)
+while verifying on lfw / cfp_fp / agedb_30 after every epoch, then reloads the saved embedding model with
 `keras.models.load_model` and compares a few faces with it.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the demo end to end and prints what each stage produced."""
     import keras
 
-    from faceid_keras import train, verification
+    from faceid_keras import prepare, training, verification
     from tfds_ms1m import synthetic
 
     started = time.perf_counter()
@@ -80,24 +80,22 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     print(f"[2/4] Building it with tfds (ms1m_arcface/train and /verification) into {data_dir}")
-    train.prepare_tfds(folder, data_dir)
+    prepare.prepare_tfds(folder, data_dir)
 
     print(f"[3/4] Training {args.backbone} for {sizes['epochs']} epochs (faceid train)")
-    train_argv = [
-        "--data_path", data_dir,
-        "--model_dir", model_dir,
-        "--backbone", args.backbone,
-        "--embedding_size", "128",
-        "--train_epochs", str(sizes["epochs"]),
-        "--batch_size", "32",
-        "--lr", "0.1",
-        "--warmup_epochs", "1",
-        "--shuffle_buffer", "5000",
-        "--seed", str(args.seed),
-    ]
-    if args.quick:
-        train_argv += ["--steps", "3"]
-    result = train.train(train.build_parser().parse_args(train_argv))
+    result = training.train(training.TrainConfig(
+        data_path=data_dir,
+        model_dir=model_dir,
+        backbone=args.backbone,
+        embedding_size=128,
+        train_epochs=sizes["epochs"],
+        batch_size=32,
+        lr=0.1,
+        warmup_epochs=1,
+        shuffle_buffer=5000,
+        seed=args.seed,
+        steps=3 if args.quick else 0,
+    ))
     if result.stopped_at is not None:
         return 1
     lfw = result.history.get("lfw_accuracy", [])

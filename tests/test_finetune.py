@@ -8,7 +8,7 @@ from PIL import Image
 
 import tensorflow as tf
 
-from faceid_keras import ArcFaceModel, data, finetune, train
+from faceid_keras import ArcFaceModel, data, finetune, prepare, training
 from tfds_ms1m import recordio, synthetic
 
 
@@ -61,11 +61,10 @@ def new_identities(root):
                                    targets=("lfw",), seed=2)
 
 
-def _train(data, model_dir, tfds_dir, *flags, targets="lfw"):
-    args = train.build_parser().parse_args([
-        "--data_path", str(data), "--model_dir", str(model_dir), "--tfds_data_dir", str(tfds_dir),
-        "--train_epochs", "1", "--batch_size", "16", "--lr", "0.05", "--targets", targets, "--verbose", "0", *flags])
-    return train.train(args)
+def _train(data, model_dir, tfds_dir, **options):
+    return training.train(training.TrainConfig(
+        str(data), model_dir=str(model_dir), tfds_data_dir=str(tfds_dir), train_epochs=1, batch_size=16,
+        lr=0.05, verbose=0, **{"targets": ("lfw",), **options}))
 
 
 @pytest.mark.slow
@@ -73,9 +72,9 @@ def test_finetuning_beats_the_same_backbone_from_scratch(fresh, pretrained, new_
     # "Scratch" is the same architecture with untrained weights through the same code path (its
     # centres start at means too): only the pretrained weights differ.
     tfds_dir = tmp_path / "tfds"
-    scratch = _train(new_identities, tmp_path / "scratch", tfds_dir, "--init_from", str(fresh))
+    scratch = _train(new_identities, tmp_path / "scratch", tfds_dir, init_from=str(fresh))
     moving_mean = finetune.load_backbone(str(pretrained)).layers[1].moving_mean.numpy()
-    tuned = _train(new_identities, tmp_path / "tuned", tfds_dir, "--init_from", str(pretrained), "--freeze_bn")
+    tuned = _train(new_identities, tmp_path / "tuned", tfds_dir, init_from=str(pretrained), freeze_bn=True)
     assert tuned.summary["lfw"] >= scratch.summary["lfw"] + 0.05, (tuned.summary, scratch.summary)
     assert tuned.summary["lfw"] >= 0.9
     np.testing.assert_array_equal(tuned.model.backbone.layers[1].moving_mean.numpy(), moving_mean)  # --freeze_bn
@@ -85,7 +84,7 @@ def test_centres_start_at_identity_means_and_backbone_can_stay_frozen(fresh, new
     backbone = finetune.load_backbone(str(fresh))
     model = ArcFaceModel(backbone=backbone, num_classes=16)
     tfds_dir = tmp_path / "tfds"
-    train.prepare_tfds(str(new_identities), str(tfds_dir))
+    prepare.prepare_tfds(str(new_identities), str(tfds_dir))
     assert finetune.init_centres(model, str(tfds_dir), (32, 32), batch_size=7) == 16
     records = list(recordio.iter_images(new_identities))  # decoded as the input pipeline decodes
     images = np.stack([data.decode_image(tf.constant(image), None).numpy() for _, _, image in records])
@@ -98,8 +97,8 @@ def test_centres_start_at_identity_means_and_backbone_can_stay_frozen(fresh, new
                                    atol=1e-5)
 
     weights = [w.numpy() for w in backbone.weights]
-    result = _train(new_identities, tmp_path / "run", tfds_dir, "--init_from", str(fresh),
-                    "--freeze_backbone_epochs", "1", targets="none")
+    result = _train(new_identities, tmp_path / "run", tfds_dir, init_from=str(fresh), freeze_backbone_epochs=1,
+                    targets=())
     for before, after in zip(weights, result.model.backbone.weights):
         np.testing.assert_array_equal(after.numpy(), before)
 

@@ -247,7 +247,7 @@ def test_npu_arcface_fit_on_the_tfds_pipeline_makes_the_npu_calls_in_order(fake_
 
 def test_faceid_train_on_two_npu_ranks_makes_the_npu_calls_in_order(fake_npu, monkeypatch, tfds_data_dir, tmp_path):
     """`faceid train --device npu` on rank 0 of two: precision defaults to allow_mix_precision."""
-    from faceid_keras import train
+    from faceid_keras import train, training
 
     monkeypatch.setenv("RANK_SIZE", "2")
     monkeypatch.setenv("RANK_ID", "0")
@@ -256,7 +256,7 @@ def test_faceid_train_on_two_npu_ranks_makes_the_npu_calls_in_order(fake_npu, mo
         "--backbone", "iresnet18", "--embedding_size", "16", "--batch_size", "4", "--train_epochs", "2",
         "--steps", "2", "--targets", "none", "--verbose", "0",
     ])
-    result = train.train(args)
+    result = training.train(train.config_from_args(args))
     assert [name for name, _ in fake_npu.CALLS] == [
         "global_options", "global_options.set", "open", "as_default", "NpuLossScaleOptimizer",
         "npu_distributed_keras_optimizer_wrapper",

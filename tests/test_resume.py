@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import faceid_keras  # noqa: F401  (registers the model classes for load_model)
-from faceid_keras import train
+from faceid_keras import training
 
 from helpers import REPO, repo_env
 
@@ -69,10 +69,10 @@ def test_sigkill_mid_epoch_then_rerun_finishes_with_the_same_steps(tfds_data_dir
     state, second = _kill_mid_epoch_and_rerun(tfds_data_dir, model_dir, tmp_path)
     assert f"Resuming from epoch {state['epoch'] + 1} step {state['batch']} (global step {state['step']}" in second.stdout
 
-    model = keras.models.load_model(model_dir / train.MODEL_FILE)
+    model = keras.models.load_model(model_dir / training.MODEL_FILE)
     assert int(model.optimizer.iterations) == EPOCHS * STEPS
     assert f"steps={EPOCHS * STEPS} " in second.stdout
-    with open(model_dir / train.CSV_FILE) as f:
+    with open(model_dir / training.CSV_FILE) as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == [str(e) for e in range(EPOCHS)]
     assert not os.path.exists(model_dir / "backup")
 
@@ -83,7 +83,7 @@ def test_resumed_run_ends_with_the_weights_of_an_unbroken_run(tfds_data_dir, tmp
     unbroken = subprocess.run(_command(tfds_data_dir, tmp_path / "unbroken"), cwd=REPO, env=repo_env(),
                               capture_output=True, text=True, timeout=600)
     assert unbroken.returncode == 0, unbroken.stdout[-3000:] + unbroken.stderr[-3000:]
-    resumed = keras.models.load_model(tmp_path / "resumed" / train.MODEL_FILE)
-    reference = keras.models.load_model(tmp_path / "unbroken" / train.MODEL_FILE)
+    resumed = keras.models.load_model(tmp_path / "resumed" / training.MODEL_FILE)
+    reference = keras.models.load_model(tmp_path / "unbroken" / training.MODEL_FILE)
     for a, b in zip(resumed.weights, reference.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6, err_msg=a.name)

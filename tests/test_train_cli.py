@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from faceid_keras import cli, compat, schedules, train
+from callbacks import StopOnNaN
+from faceid_keras import cli, compat, prepare, schedules, train, training
 from faceid_keras.backup import TrainingBackup
 from helpers import REPO
 
@@ -20,11 +21,17 @@ def _parse(*argv):
     return train.build_parser().parse_args(["--data_path", "/data", *argv])
 
 
+def _config(*argv) -> training.TrainConfig:
+    return train.config_from_args(_parse(*argv))
+
+
 def test_parser_takes_the_seed_flags_and_defaults():
     args = _parse("--train_epochs", "5", "--batch_size", "16")
     assert (args.train_epochs, args.batch_size, args.steps) == (5, 16, 0)
     assert args.backbone == "iresnet50" and args.margin == "arcface" and args.lr_schedule == "poly"
-    assert args.device == "auto" and args.precision is None and args.targets == "lfw,cfp_fp,agedb_30"
+    assert args.device == "auto" and args.precision is None and args.targets == ("lfw", "cfp_fp", "agedb_30")
+    assert _parse("--targets", "none").targets == () and _parse("--targets", "lfw").targets == ("lfw",)
+    assert train.config_from_args(args) == training.TrainConfig("/data", train_epochs=5, batch_size=16)
     assert args.func is train.run
     assert _parse("--margin", "1,0,0.35").margin == (1.0, 0.0, 0.35)
     assert _parse("--lr_steps", "2,4.5").lr_steps == (2.0, 4.5)
@@ -50,19 +57,19 @@ def test_cli_registers_all_subcommands():
 
 
 def test_fit_segments_finish_an_interrupted_epoch_first():
-    assert train._fit_segments(0, 4, 3) == [(0, 3, 4, 0)]
-    assert train._fit_segments(4, 4, 3) == [(1, 3, 4, 0)]
-    assert train._fit_segments(6, 4, 3) == [(1, 2, 2, 2), (2, 3, 4, 0)]
-    assert train._fit_segments(11, 4, 3) == [(2, 3, 1, 3)]
+    assert training._fit_segments(0, 4, 3) == [(0, 3, 4, 0)]
+    assert training._fit_segments(4, 4, 3) == [(1, 3, 4, 0)]
+    assert training._fit_segments(6, 4, 3) == [(1, 2, 2, 2), (2, 3, 4, 0)]
+    assert training._fit_segments(11, 4, 3) == [(2, 3, 1, 3)]
 
 
 def test_learning_rate_schedules_follow_the_flags():
-    poly = train.learning_rate_schedule(_parse("--lr", "0.2", "--warmup_epochs", "1", "--train_epochs", "4"), 10)
+    poly = training.learning_rate_schedule(_config("--lr", "0.2", "--warmup_epochs", "1", "--train_epochs", "4"), 10)
     assert isinstance(poly, schedules.WarmupPolynomialDecay)
     assert (poly.total_steps, poly.warmup_steps) == (40, 10)
     assert float(poly(5)) == pytest.approx(0.1) and float(poly(40)) == pytest.approx(0.0)
-    step = train.learning_rate_schedule(
-        _parse("--lr_schedule", "step", "--lr_steps", "2,3", "--train_epochs", "4", "--lr_decay", "0.5"), 10
+    step = training.learning_rate_schedule(
+        _config("--lr_schedule", "step", "--lr_steps", "2,3", "--train_epochs", "4", "--lr_decay", "0.5"), 10
     )
     assert step.boundaries == [20, 30]
     assert [float(step(s)) for s in (19, 20, 30)] == pytest.approx([0.1, 0.05, 0.025])
@@ -78,7 +85,7 @@ def test_stop_on_nan_names_epoch_batch_and_step(capsys):
     x = np.ones((8, 4), "float32")
     x[6] = np.nan  # batch 3 of epoch 2 (batches of 2, 4 per epoch)
     model = _toy_model()
-    guard = train.StopOnNaN(steps_per_epoch=4, first_step=4)
+    guard = StopOnNaN(steps_per_epoch=4, first_step=4)
     model.fit(x, np.ones((8, 2)), batch_size=2, epochs=2, initial_epoch=1, shuffle=False,
               callbacks=[guard], verbose=0)
     assert guard.stopped_at == {"epoch": 2, "batch": 4, "step": 8}
@@ -128,7 +135,7 @@ def test_backup_of_a_non_chief_worker_restores_but_never_writes(tmp_path):
 
 def test_waiting_for_the_chief_to_build_times_out_with_advice(synthetic_folder, tmp_path, capsys):
     with pytest.raises(TimeoutError, match=r"train/1\.0\.0: not built by the chief within --data_timeout 0 s"):
-        train.resolve_data_dir(str(synthetic_folder), str(tmp_path / "tfds"), build=False, timeout=0)
+        prepare.resolve_data_dir(str(synthetic_folder), str(tmp_path / "tfds"), build=False, timeout=0)
     assert "Waiting for the chief to build" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "tfds" / "ms1m_arcface")
 
@@ -153,17 +160,17 @@ def test_train_end_to_end_saves_models_logs_and_summary(tfds_data_dir, tmp_path,
         assert np.isfinite(float(summary[key])), key
     assert float(summary["images_per_sec"]) > 0
 
-    with open(model_dir / train.CSV_FILE) as f:
+    with open(model_dir / training.CSV_FILE) as f:
         rows = list(csv.DictReader(f))
     assert [row["epoch"] for row in rows] == ["0", "1"]
     assert "lfw_accuracy" in rows[0] and "images_per_second" in rows[0]
     assert os.listdir(model_dir / "logs")
     assert not os.path.exists(model_dir / "backup")
 
-    model = keras.models.load_model(model_dir / train.MODEL_FILE)
+    model = keras.models.load_model(model_dir / training.MODEL_FILE)
     assert int(model.optimizer.iterations) == 4
     assert model.sample_rate == 0.5 and model.head.sample_rate == 0.5
-    embedder = keras.models.load_model(model_dir / train.EMBEDDING_FILE)
+    embedder = keras.models.load_model(model_dir / training.EMBEDDING_FILE)
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     embeddings = embedder.predict(images, verbose=0)
     assert embeddings.shape == (3, 16)
@@ -173,7 +180,7 @@ def test_train_end_to_end_saves_models_logs_and_summary(tfds_data_dir, tmp_path,
 
 def test_train_rejects_a_folder_that_is_no_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an insightface folder"):
-        train.resolve_data_dir(str(tmp_path), str(tmp_path / "tfds"))
+        prepare.resolve_data_dir(str(tmp_path), str(tmp_path / "tfds"))
 
 
 def test_performance_script_prints_modelzoo_lines(synthetic_folder, tmp_path):
