@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-_CHUNK = 1 << 15
+_CHUNK = 8192
+# Images per template-feature chunk: timed best of 1k-32k rows on 2 cores (the chunk stays in cache).
+_TEMPLATE_CHUNK = 2048
 
 
 def _float_dtype(array: np.ndarray) -> np.dtype:
@@ -74,7 +76,7 @@ def _as_ids(values, name: str, length: int) -> np.ndarray:
 
 
 def template_features(
-    image_features: np.ndarray, templates: np.ndarray, medias: np.ndarray, chunk_size: int = _CHUNK
+    image_features: np.ndarray, templates: np.ndarray, medias: np.ndarray, chunk_size: int = _TEMPLATE_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sorted template ids [T], L2-normalised template features [T, D] in float64).
 
@@ -99,12 +101,15 @@ def template_features(
         # Whole templates, at least one, up to chunk_size images.
         last = max(first + 1, int(np.searchsorted(bounds, bounds[first] + chunk_size, side="right")) - 1)
         begin, end = bounds[first], bounds[last]
-        block = features[order[begin:end]].astype(np.float64)
+        # Segment sums run along the contiguous axis of a transposed float64 copy: NumPy's
+        # reduceat along axis 0 of a row-major array is ~10x slower.
+        block = np.empty((features.shape[1], end - begin), np.float64)
+        block[...] = features[order[begin:end]].T
         media_starts = np.flatnonzero(new_media[begin:end])
         counts = np.diff(np.r_[media_starts, end - begin])
-        media_means = np.add.reduceat(block, media_starts, axis=0) / counts[:, None]
+        media_means = np.add.reduceat(block, media_starts, axis=1) / counts
         media_template_starts = np.searchsorted(media_starts, bounds[first:last] - begin)
-        result[first:last] = np.add.reduceat(media_means, media_template_starts, axis=0)
+        result[first:last] = np.add.reduceat(media_means, media_template_starts, axis=1).T
         first = last
     norms = np.sqrt(np.einsum("ij,ij->i", result, result))
     norms[norms == 0] = 1.0
@@ -136,10 +141,16 @@ def pair_scores(
     features: np.ndarray,
     template1: np.ndarray,
     template2: np.ndarray,
-    chunk_size: int = _CHUNK,
+    block_entries: int = 1 << 23,
 ) -> np.ndarray:
-    """Dot product [P] (float64) of the template features of each pair (template1[i], template2[i])."""
-    features = np.asarray(features)
+    """Dot product [P] (float64) of the template features of each pair (template1[i], template2[i]).
+
+    Pairs are grouped by the side with fewer distinct templates; each group of those templates is
+    scored against the other side's templates it meets with one matrix product of at most
+    `block_entries` scores, from which the pairs' scores are picked. Gathering two feature rows
+    per pair instead moves ~8 KB of memory per pair (~120 GB for IJB-C) and was ~5x slower here.
+    """
+    features = np.asarray(features, np.float64)
     template1, template2 = np.asarray(template1), np.asarray(template2)
     if template1.shape != template2.shape or template1.ndim != 1:
         raise ValueError(f"template1 and template2 must be [P], got {template1.shape} and {template2.shape}")
@@ -150,12 +161,28 @@ def pair_scores(
         missing = int(np.argmin(found.all(axis=1)))
         raise MissingTemplateError(missing, int((template1 if not found[missing, 0] else template2)[missing]))
     rows1, rows2 = rows[:, 0], rows[:, 1]
+    del rows
+    if np.count_nonzero(np.bincount(rows1, minlength=len(features))) > np.count_nonzero(
+        np.bincount(rows2, minlength=len(features))
+    ):
+        rows1, rows2 = rows2, rows1
+    order = np.argsort(rows1, kind="stable")
+    sorted1 = rows1[order]
+    group_starts = np.flatnonzero(np.r_[True, sorted1[1:] != sorted1[:-1]])
+    bounds = np.r_[group_starts, len(order)]
+    per_block = max(1, block_entries // max(1, len(features)))
     scores = np.empty(len(template1), np.float64)
-    for start in range(0, len(scores), chunk_size):
-        part = slice(start, start + chunk_size)
-        scores[part] = np.einsum(
-            "ij,ij->i", features[rows1[part]], features[rows2[part]], dtype=np.float64
-        )
+    for first in range(0, len(group_starts), per_block):
+        last = min(first + per_block, len(group_starts))
+        pairs = order[bounds[first] : bounds[last]]
+        block_rows = sorted1[group_starts[first:last]]
+        local = np.searchsorted(block_rows, sorted1[bounds[first] : bounds[last]])
+        others = rows2[pairs]
+        columns, inverse = np.unique(others, return_inverse=True)
+        if len(columns) * 5 < len(features) * 4:  # score only the partners met
+            scores[pairs] = (features[block_rows] @ features[columns].T)[local, inverse]
+        else:
+            scores[pairs] = (features[block_rows] @ features.T)[local, others]
     return scores
 
 
@@ -176,7 +203,8 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     positives = labels == 1
     if positives.all() or not positives.any():
         raise ValueError("labels must hold both genuine (1) and impostor (0) pairs")
-    order = np.argsort(scores, kind="mergesort")[::-1]
+    # Any order of equal scores gives the same points: only each run's last cumulative count is kept.
+    order = np.argsort(-scores)
     sorted_scores = scores[order]
     last_of_value = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
     tps = np.cumsum(positives[order], dtype=np.float64)[last_of_value]

@@ -62,8 +62,10 @@ def test_template_features_and_scores_match_loop(protocol):
     row = {t: i for i, t in enumerate(expected_ids)}
     loop_scores = [expected[row[a]] @ expected[row[b]] for a, b in zip(t1, t2)]
     shuffled = rng.permutation(len(ids))  # template ids need not be sorted
-    got_scores = ijb.pair_scores(ids[shuffled], got[shuffled], t1, t2, chunk_size=37)
+    got_scores = ijb.pair_scores(ids[shuffled], got[shuffled], t1, t2, block_entries=200)
     np.testing.assert_allclose(got_scores, loop_scores, rtol=0, atol=1e-9)
+    one_block = ijb.pair_scores(ids, got, t1, t2)  # every template met: the whole product at once
+    np.testing.assert_allclose(one_block, loop_scores, rtol=0, atol=1e-9)
 
 
 def test_hand_made_templates():
