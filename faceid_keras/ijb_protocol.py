@@ -13,12 +13,15 @@ error naming the file (and the line).
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import re
 
 import numpy as np
 
 IJB_SETS = ("IJBC", "IJBB")
 _BLOCK_BYTES = 1 << 24
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
 
 
 class IJBLayoutError(ValueError):
@@ -42,10 +45,8 @@ class IJBProtocol:
 
     @property
     def image_dir(self) -> str:
+        """DIR/loose_crop, where `image_names` are."""
         return os.path.join(self.root, "loose_crop")
-
-    def meta_path(self, kind: str) -> str:
-        return meta_path(self.root, self.ijb_set, kind)
 
 
 def meta_path(root: str | os.PathLike, ijb_set: str, kind: str) -> str:
@@ -53,20 +54,40 @@ def meta_path(root: str | os.PathLike, ijb_set: str, kind: str) -> str:
     return os.path.join(os.fspath(root), "meta", f"{ijb_set.lower()}_{kind}.txt")
 
 
-def _line_blocks(path: str):
-    """(number of the first line, lines as bytes) a block of the file at a time."""
+def _blocks(path: str):
+    """(number of the first line, whole lines as bytes) a block of the file at a time."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist (expected insightface's IJB layout: DIR/meta, DIR/loose_crop)")
     first, rest = 1, b""
     with open(path, "rb") as file:
         while True:
-            block = file.read(_BLOCK_BYTES)
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop() if block else b""
-            yield first, lines
-            first += len(lines)
-            if not block:
+            data = file.read(_BLOCK_BYTES)
+            block = rest + data
+            cut = block.rfind(b"\n") + 1 if data else len(block)
+            block, rest = block[:cut], block[cut:]
+            if block:
+                yield first, block
+                first += block.count(b"\n")
+            if not data:
                 return
+
+
+def _block_fields(path: str, first: int, block: bytes, num_fields: int, blank: int | None):
+    """(fields [lines, num_fields] of a block's lines, or None, first blank line so far)."""
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, first):
+        fields = line.split()
+        if not fields:
+            blank = blank or number
+        elif blank is not None or len(fields) != num_fields:
+            bad, found = (blank, 0) if blank is not None else (number, len(fields))
+            raise IJBLayoutError(f"{path}, line {bad}: expected {num_fields} fields, found {found}")
+        else:
+            rows.append(fields)
+    return (np.array(rows, dtype=bytes) if rows else None), blank
 
 
 def read_fields(path: str, num_fields: int) -> np.ndarray:
@@ -75,25 +96,40 @@ def read_fields(path: str, num_fields: int) -> np.ndarray:
     Trailing blank lines are allowed; any other line without exactly `num_fields` fields is an error.
     """
     parts, blank = [], None
-    for first, lines in _line_blocks(path):
-        rows = []
-        for number, line in enumerate(lines, first):
-            fields = line.split()
-            if not fields:
-                blank = blank or number
-            elif blank is not None or len(fields) != num_fields:
-                bad, found = (blank, 0) if blank is not None else (number, len(fields))
-                raise IJBLayoutError(f"{path}, line {bad}: expected {num_fields} fields, found {found}")
-            else:
-                rows.append(fields)
-        if rows:
-            parts.append(np.array(rows, dtype=bytes))
+    for first, block in _blocks(path):
+        fields, blank = _block_fields(path, first, block, num_fields, blank)
+        if fields is not None:
+            parts.append(fields)
     if not parts:
         raise IJBLayoutError(f"{path}: the file holds no lines")
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def _convert(path: str, fields: np.ndarray, columns: slice | int, dtype, what: str) -> np.ndarray:
+def read_integers(path: str, num_fields: int, what: str) -> np.ndarray:
+    """int64 [lines, num_fields] of a file of integers only, with `read_fields`' rules and errors.
+
+    NumPy's C parser reads each block (~6x faster than splitting 15 million lines in Python); a
+    block it refuses, or one with blank lines (which it would skip), is read line by line instead.
+    """
+    parts, blank = [], None
+    for first, block in _blocks(path):
+        if blank is None and _BLANK_LINE.search(b"\n" + block) is None:
+            try:
+                numbers = np.loadtxt(io.BytesIO(block), dtype=np.int64, ndmin=2, comments=None)
+            except ValueError:
+                numbers = None
+            if numbers is not None and numbers.shape[1] == num_fields:
+                parts.append(numbers)
+                continue
+        fields, blank = _block_fields(path, first, block, num_fields, blank)
+        if fields is not None:
+            parts.append(_convert(path, fields, slice(None), np.int64, what, first_line=first))
+    if not parts:
+        raise IJBLayoutError(f"{path}: the file holds no lines")
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _convert(path: str, fields: np.ndarray, columns: slice | int, dtype, what: str, first_line: int = 1) -> np.ndarray:
     """fields[:, columns] as `dtype` (finite for floats); the first bad line is named in the error."""
     values = fields[:, columns]
     try:
@@ -103,7 +139,7 @@ def _convert(path: str, fields: np.ndarray, columns: slice | int, dtype, what: s
                 raise ValueError("not finite")
             return converted.astype(dtype)
         return values.astype(dtype)
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     floating = np.issubdtype(dtype, np.floating)
     for index, row in enumerate(values.reshape(len(values), -1)):
@@ -114,7 +150,7 @@ def _convert(path: str, fields: np.ndarray, columns: slice | int, dtype, what: s
         if numbers is None or not np.all(np.isfinite(numbers)):
             text = b" ".join(row).decode(errors="replace")
             kind = "finite numbers" if floating else "integers"
-            raise IJBLayoutError(f"{path}, line {index + 1}: {what} must be {kind}, got {text!r}")
+            raise IJBLayoutError(f"{path}, line {index + first_line}: {what} must be {kind}, got {text!r}")
     raise IJBLayoutError(f"{path}: {what} out of range for {np.dtype(dtype).name}")
 
 
@@ -145,9 +181,7 @@ def read_protocol(root: str | os.PathLike, ijb_set: str = "IJBC") -> IJBProtocol
             f"differs from {media_fields[line - 1, 0].decode(errors='replace')!r} on line {line} of {media_file}"
         )
 
-    pair_fields = read_fields(pair_file, 3)
-    pairs = _convert(pair_file, pair_fields, slice(0, 3), np.int64, "template ids and labels")
-    del pair_fields
+    pairs = read_integers(pair_file, 3, "template ids and labels")
     bad_label = np.flatnonzero((pairs[:, 2] != 0) & (pairs[:, 2] != 1))
     if len(bad_label):
         raise IJBLayoutError(f"{pair_file}, line {bad_label[0] + 1}: label must be 0 or 1, got {pairs[bad_label[0], 2]}")

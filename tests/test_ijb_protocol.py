@@ -72,6 +72,9 @@ def test_missing_file_is_named(folder):
         ("ijbc_name_5pts_score.txt", 6, "other.jpg 1 2 3 4 5 6 7 8 9 10 1\n", r"ijbc_name_5pts_score\.txt, line 6: image 'other\.jpg' differs from '6\.jpg' on line 6 of .*ijbc_face_tid_mid\.txt"),
         ("ijbc_template_pair_label.txt", 7, "1 999 1\n", r"ijbc_template_pair_label\.txt, line 7: template 999 has no images in .*ijbc_face_tid_mid\.txt"),
         ("ijbc_template_pair_label.txt", 3, "1 2 2\n", r"ijbc_template_pair_label\.txt, line 3: label must be 0 or 1, got 2"),
+        ("ijbc_template_pair_label.txt", 4, "1 2\n", r"ijbc_template_pair_label\.txt, line 4: expected 3 fields, found 2"),
+        ("ijbc_template_pair_label.txt", 5, "1 2.5 1\n", r"ijbc_template_pair_label\.txt, line 5: template ids and labels must be integers"),
+        ("ijbc_template_pair_label.txt", 2, " \n", r"ijbc_template_pair_label\.txt, line 2: expected 3 fields, found 0"),
     ],
 )
 def test_malformed_line_is_named(folder, name, line, text, message):
@@ -144,3 +147,21 @@ def test_search_hand_made_and_against_loop():
     got = ijb_identification.search(gallery, gallery_subjects, probes, probe_subjects, (0.01, 0.1, 0.3), (1, 5))
     tpir, cmc = loop_search(gallery, gallery_subjects, probes, probe_subjects, (0.01, 0.1, 0.3), (1, 5))
     assert got["tpir"] == pytest.approx(tpir, abs=1e-12) and got["rank"] == pytest.approx(cmc, abs=1e-12)
+
+
+def test_small_blocks_read_the_same_and_count_lines_across_blocks(folder, monkeypatch):
+    from faceid_keras import ijb_protocol
+
+    whole = read_protocol(folder, "IJBC")
+    monkeypatch.setattr(ijb_protocol, "_BLOCK_BYTES", 40)  # a few lines per block
+    small = read_protocol(folder, "IJBC")
+    for field in ("image_names", "landmarks", "detector_scores", "templates", "medias", "template1", "template2", "labels"):
+        np.testing.assert_array_equal(getattr(small, field), getattr(whole, field))
+    pairs = folder / "meta" / "ijbc_template_pair_label.txt"
+    last = len(pairs.read_text().splitlines())
+    _edit(pairs, last, "1 x 0\n")
+    with pytest.raises(IJBLayoutError, match=rf"pair_label\.txt, line {last}: template ids and labels must be integers"):
+        read_protocol(folder, "IJBC")
+    _edit(pairs, last, "1 2 0 4\n")
+    with pytest.raises(IJBLayoutError, match=rf"pair_label\.txt, line {last}: expected 3 fields, found 4"):
+        read_protocol(folder, "IJBC")
