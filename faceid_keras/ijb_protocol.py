@@ -16,6 +16,7 @@ import dataclasses
 import io
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -115,8 +116,10 @@ def read_integers(path: str, num_fields: int, what: str) -> np.ndarray:
     for first, block in _blocks(path):
         if blank is None and _BLANK_LINE.search(b"\n" + block) is None:
             try:
-                numbers = np.loadtxt(io.BytesIO(block), dtype=np.int64, ndmin=2, comments=None)
-            except ValueError:
+                with warnings.catch_warnings():  # NumPy < 2 parses "2.5" as 2, with a warning
+                    warnings.simplefilter("error", DeprecationWarning)
+                    numbers = np.loadtxt(io.BytesIO(block), dtype=np.int64, ndmin=2, comments=None)
+            except (ValueError, DeprecationWarning):
                 numbers = None
             if numbers is not None and numbers.shape[1] == num_fields:
                 parts.append(numbers)
