@@ -1,7 +1,8 @@
-"""Keras callbacks for face-recognition training: loss scaling, throughput, NPU placement."""
+"""Keras callbacks for face-recognition training: verification, loss scaling, throughput, and the
+ones a placement needs (`for_placement`)."""
 from callbacks.loss_scale import LossScaleMonitor
-from callbacks.placement import NPUPlacement
+from callbacks.placement import BroadcastInitialWeights, for_placement
 from callbacks.throughput import ThroughputLogger
 from callbacks.verification import VerificationCallback
 
-__all__ = ["LossScaleMonitor", "NPUPlacement", "ThroughputLogger", "VerificationCallback"]
+__all__ = ["BroadcastInitialWeights", "LossScaleMonitor", "ThroughputLogger", "VerificationCallback", "for_placement"]

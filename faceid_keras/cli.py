@@ -7,13 +7,6 @@ import argparse
 import sys
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (batch sizes, epochs, steps): an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the `faceid` parser with one subcommand per module."""

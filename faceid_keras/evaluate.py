@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 # Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
 # keras.models.load_model needs no custom_objects.
-from faceid_keras import ijb_eval, verification
-from faceid_keras.cli import positive_int
+from faceid_keras import ijb_eval, model_file, verification
+from faceid_keras.argtypes import positive_int
 
 
 def format_table(results: Mapping[str, dict]) -> str:
@@ -63,13 +63,11 @@ def plot_roc(results: Mapping[str, dict], path: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
     """Loads the model and the targets, evaluates them, prints the table, optionally plots the ROC."""
-    import keras
-
     if args.data_path is None and args.ijb is None:
         raise ValueError("faceid eval needs --data_path (verification packs) or --ijb (an IJB folder)")
     names = [name for name in args.targets.split(",") if name]
     targets = verification.load_targets(args.data_path, names) if args.data_path is not None else {}
-    model = keras.models.load_model(args.model)
+    model = model_file.load_model(args.model)
     results = {}
     for name, (images, issame) in targets.items():
         results[name] = verification.verify(model, images, issame, args.batch_size)

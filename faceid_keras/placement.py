@@ -10,7 +10,7 @@ one); else the CPU. Usage, the same on every device:
         model = ArcFaceModel(...)
         model.compile(optimizer=placement.wrap_optimizer(keras.optimizers.SGD(0.1)))
     dataset = faceid_keras.data.train_dataset(data_dir, global_batch, placement=placement)
-    model.fit(dataset, callbacks=placement.callbacks())
+    model.fit(dataset, callbacks=callbacks.for_placement(placement))
 
 Datasets: `distribute_dataset` gives each process its own share of the records and its part of
 the global batch: each NPU rank (one process per device, no strategy; the optimizer all-reduces
@@ -29,9 +29,13 @@ a collective op every worker must join. So a callback that every worker must kee
 checkpoint callback) or a save writes into `output_dir(path)` on every worker: the path itself on
 the chief, a private temporary folder, deleted afterwards, elsewhere.
 
-Precision: "fp32", "mixed_float16" or "mixed_bfloat16". On tf.distribute devices it becomes the
-global Keras dtype policy (float32 / mixed_float16 / mixed_bfloat16), so create the placement
-before the model. float16 gets dynamic loss scaling: `wrap_optimizer` wraps the optimizer in Keras's
+Two implementations share this interface: `StrategyPlacement` (tf.distribute: CPU, GPUs, workers)
+and `AscendPlacement` (one process per NPU, no strategy). The callbacks a placement needs in `fit`
+(weight broadcast, loss-scale logging) come from `callbacks.for_placement(placement)`.
+
+Precision: "fp32", "mixed_float16" or "mixed_bfloat16". On tf.distribute devices it is the Keras
+dtype policy (float32 / mixed_float16 / mixed_bfloat16) inside `scope()`, so build and compile the
+model there; outside it the process's global policy is left as it was. float16 gets dynamic loss scaling: `wrap_optimizer` wraps the optimizer in Keras's
 `LossScaleOptimizer` (Keras 3 or Keras 2, see `faceid_keras.compat`), and `compile` keeps an
 optimizer that is already one (it only wraps plain optimizers under mixed_float16), so the object
 returned is the one the model uses.
@@ -41,6 +45,7 @@ On NPU the Keras policy stays float32 and the NPU graph compiler does the mixing
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib
 import json
@@ -101,51 +106,19 @@ def _import_npu_device():
         return None
 
 
-class Placement:
-    """A distribution-like context: strategy (or NPU process), dtype policy and loss scaling.
+class Placement(abc.ABC):
+    """A distribution-like context: devices (a strategy or an NPU process), dtype policy and loss
+    scaling. Build one with `Placement.create`; the subclasses say how each kind of device works."""
 
-    Build it with `Placement.create`; the constructor takes an already made strategy (tf.distribute
-    lanes) or an imported `npu_device` module (NPU lane) and applies the precision.
-    """
+    device: str
 
-    def __init__(
-        self,
-        device: str,
-        precision: str = "fp32",
-        strategy: tf.distribute.Strategy | None = None,
-        npu=None,
-    ):
-        if device not in DEVICES[1:]:
-            raise ValueError(f"`device` must be one of {DEVICES[1:]}, got {device!r}.")
+    def __init__(self, precision: str, dtype_policy: dict[str, str]):
+        """`dtype_policy` maps each precision to the Keras policy this kind of device uses."""
         if precision not in PRECISIONS:
             raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}.")
-        if (device == "npu") != (npu is not None):
-            raise ValueError("An `npu` module is given exactly when `device` is 'npu'.")
-        if npu is not None and strategy is not None:
-            raise ValueError("The NPU runs one process per device: it takes no tf.distribute strategy.")
-        if device != "npu" and strategy is None:
-            strategy = tf.distribute.get_strategy()
-        self.device = device
         self.precision = precision
-        self.strategy = strategy
-        self._npu = npu
+        self.dtype_policy = keras.mixed_precision.Policy(dtype_policy[precision])
         self._wrapped: list = []
-        if npu is not None:
-            self.device_id = _env_int("ASCEND_DEVICE_ID", 0, 0)
-            self.rank_size = _env_int("RANK_SIZE", 1, 1)
-            self.rank_id = _env_int("RANK_ID", 0, 0)
-            if self.rank_id >= self.rank_size:
-                raise ValueError(f"RANK_ID={self.rank_id} must be below RANK_SIZE={self.rank_size}.")
-            options = npu.global_options()
-            options.precision_mode = NPU_PRECISION_MODES[precision]
-            npu.open(self.device_id).as_default()
-            self.dtype_policy = keras.mixed_precision.Policy("float32")
-        else:
-            self.device_id = 0
-            self.rank_size = 1
-            self.rank_id = 0
-            self.dtype_policy = keras.mixed_precision.Policy(KERAS_POLICIES[precision])
-        keras.mixed_precision.set_global_policy(self.dtype_policy)
 
     @classmethod
     def create(
@@ -170,7 +143,7 @@ class Placement:
             if npu is not None:
                 if devices:
                     raise ValueError("`devices` does not apply to the NPU: use ASCEND_DEVICE_ID.")
-                return cls("npu", precision or NPU_DEFAULT_PRECISION, npu=npu)
+                return AscendPlacement(npu, precision or NPU_DEFAULT_PRECISION)
             if device == "npu":
                 raise RuntimeError(
                     "device='npu' but `npu_device` does not import: install the CANN TensorFlow "
@@ -182,60 +155,42 @@ class Placement:
         if device == "gpu" and not gpus and not devices:
             raise RuntimeError("device='gpu' but TensorFlow sees no GPU.")
         kind = "gpu" if device == "gpu" or (device == "auto" and gpus) else "cpu"
-        return cls(kind, precision or "fp32", strategy=cls._make_strategy(kind, devices))
-
-    @staticmethod
-    def _make_strategy(kind: str, devices: Sequence[str] | None) -> tf.distribute.Strategy:
-        if _tf_config_workers() > 1:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        if devices:
-            devices = list(devices)
-            if len(devices) > 1:
-                return tf.distribute.MirroredStrategy(devices)
-            return tf.distribute.OneDeviceStrategy(devices[0])
-        if kind == "gpu":
-            gpus = tf.config.list_logical_devices("GPU")
-            if len(gpus) > 1:
-                return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
-            return tf.distribute.OneDeviceStrategy(gpus[0].name)
-        return tf.distribute.get_strategy()
+        return StrategyPlacement(kind, precision or "fp32", strategy=_make_strategy(kind, devices))
 
     @property
+    @abc.abstractmethod
     def num_replicas_in_sync(self) -> int:
-        """Replicas that share one global batch: strategy replicas, or NPU processes (RANK_SIZE)."""
-        if self._npu is not None:
-            return self.rank_size
-        return self.strategy.num_replicas_in_sync
-
-    def _cluster_resolver(self):
-        """The strategy's cluster resolver when it spans a TF_CONFIG cluster, else None."""
-        resolver = None if self._npu is not None else getattr(self.strategy, "cluster_resolver", None)
-        if resolver is None or not resolver.cluster_spec().jobs:
-            return None
-        return resolver
+        """Replicas that share one global batch."""
 
     @property
+    @abc.abstractmethod
     def task(self) -> tuple[str, int]:
-        """(task type, index) of this process: from TF_CONFIG under MultiWorkerMirroredStrategy,
-        ("worker", RANK_ID) on NPU, else ("worker", 0)."""
-        if self._npu is not None:
-            return "worker", self.rank_id
-        resolver = self._cluster_resolver()
-        if resolver is None:
-            return "worker", 0
-        return resolver.task_type or "worker", int(resolver.task_id or 0)
+        """(task type, index) of this process."""
+
+    @property
+    @abc.abstractmethod
+    def worker_count(self) -> int:
+        """Processes that train together."""
+
+    @property
+    @abc.abstractmethod
+    def worker_index(self) -> int:
+        """This process's position among `worker_count`: the chief first, then the workers."""
+
+    @property
+    @abc.abstractmethod
+    def device_names(self) -> tuple[str, ...]:
+        """The devices this process trains on, for logs."""
+
+    @property
+    def broadcasts_initial_weights(self) -> bool:
+        """Whether `fit` must start by copying the chief's weights to every process."""
+        return False
 
     @property
     def is_chief(self) -> bool:
-        """Whether this process writes checkpoints and logs: task "chief", or worker 0 when the
-        cluster has no chief (NPU: rank 0). A single process is always the chief."""
-        task_type, task_id = self.task
-        if task_type == "chief":
-            return True
-        if task_type != "worker" or task_id != 0:
-            return False
-        resolver = self._cluster_resolver()
-        return resolver is None or "chief" not in resolver.cluster_spec().jobs
+        """Whether this process writes checkpoints and logs. A single process is always the chief."""
+        return self.task == ("worker", 0)
 
     @contextlib.contextmanager
     def output_dir(self, path: str | os.PathLike) -> Iterator[str]:
@@ -261,41 +216,126 @@ class Placement:
         """Whether training uses dynamic loss scaling (float16 mixed precision)."""
         return self.precision == "mixed_float16"
 
-    def scope(self) -> contextlib.AbstractContextManager:
-        """Context to build and compile the model in (the strategy scope; a no-op on NPU)."""
-        if self._npu is not None:
-            return contextlib.nullcontext()
-        return self.strategy.scope()
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Context to build and compile the model in: the devices' scope with this placement's
+        dtype policy, which is put back as it was when the block ends."""
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.dtype_policy)
+        try:
+            with self._device_scope():
+                yield
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+    @abc.abstractmethod
+    def _device_scope(self) -> contextlib.AbstractContextManager:
+        """The context that places variables and computation on this placement's devices."""
 
     def distribute_dataset(
         self, dataset: tf.data.Dataset, global_batch_size: int
     ) -> tuple[tf.data.Dataset, int]:
         """Shard an unbatched record stream for this process; returns it and the batch to use.
 
-        NPU with RANK_SIZE > 1: `npu_device.distribute.shard_and_rebatch_dataset` keeps this
-        rank's share and gives global_batch_size / RANK_SIZE. Several tf.distribute workers: this
-        worker's share (every num_workers-th record), with global_batch_size / num_workers; give
-        the result to `fit` with auto-sharding off (`faceid_keras.data.train_dataset` does), which
-        splits each worker's batch across its local replicas. One process: unchanged, with the
-        global batch size, because Keras `fit` distributes the batched dataset itself.
+        Each of several processes keeps its own share of the records and global_batch_size /
+        processes (give the result to `fit` with auto-sharding off, as
+        `faceid_keras.data.train_dataset` does: Keras splits each process's batch across its local
+        replicas). One process: unchanged, with the global batch size.
         """
         if global_batch_size % self.num_replicas_in_sync:
             raise ValueError(
                 f"Global batch size {global_batch_size} is not divisible by the "
                 f"{self.num_replicas_in_sync} replicas of this placement."
             )
-        if self._npu is not None and self.rank_size > 1:
-            return self._npu.distribute.shard_and_rebatch_dataset(dataset, global_batch_size)
-        workers, index = self.worker_count, self.worker_index
-        if workers > 1:
-            return dataset.shard(workers, index), global_batch_size // workers
+        if self.worker_count > 1:
+            return self._shard(dataset, global_batch_size)
         return dataset, global_batch_size
+
+    def _shard(self, dataset: tf.data.Dataset, global_batch_size: int) -> tuple[tf.data.Dataset, int]:
+        """This process's share of the records (every worker_count-th) and its part of the batch."""
+        return dataset.shard(self.worker_count, self.worker_index), global_batch_size // self.worker_count
+
+    def wrap_optimizer(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+        """The optimizer to compile with: loss-scaled for float16, all-reducing across processes
+        where the device needs it. Idempotent: an optimizer this placement returned comes back
+        unchanged, so nothing is wrapped twice."""
+        if any(optimizer is done for done in self._wrapped):
+            return optimizer
+        optimizer = self._wrap(optimizer)
+        self._wrapped.append(optimizer)
+        return optimizer
+
+    @abc.abstractmethod
+    def _wrap(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+        """This device's optimizer wrapping."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(device={self.device!r}, precision={self.precision!r}, "
+            f"replicas={self.num_replicas_in_sync}, policy={self.dtype_policy.name!r})"
+        )
+
+
+def _make_strategy(kind: str, devices: Sequence[str] | None) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for `kind` ("cpu"/"gpu"), explicit `devices`, or TF_CONFIG."""
+    if _tf_config_workers() > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if devices:
+        devices = list(devices)
+        if len(devices) > 1:
+            return tf.distribute.MirroredStrategy(devices)
+        return tf.distribute.OneDeviceStrategy(devices[0])
+    if kind == "gpu":
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
+        return tf.distribute.OneDeviceStrategy(gpus[0].name)
+    return tf.distribute.get_strategy()
+
+
+class StrategyPlacement(Placement):
+    """CPU, GPUs or a TF_CONFIG cluster through a tf.distribute strategy (the default one if none)."""
+
+    def __init__(self, device: str, precision: str = "fp32", strategy: tf.distribute.Strategy | None = None):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"`device` must be 'cpu' or 'gpu', got {device!r}.")
+        super().__init__(precision, KERAS_POLICIES)
+        self.device = device
+        self.strategy = strategy or tf.distribute.get_strategy()
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    def _cluster_resolver(self):
+        """The strategy's cluster resolver when it spans a TF_CONFIG cluster, else None."""
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        if resolver is None or not resolver.cluster_spec().jobs:
+            return None
+        return resolver
+
+    @property
+    def task(self) -> tuple[str, int]:
+        """From TF_CONFIG under MultiWorkerMirroredStrategy, else ("worker", 0)."""
+        resolver = self._cluster_resolver()
+        if resolver is None:
+            return "worker", 0
+        return resolver.task_type or "worker", int(resolver.task_id or 0)
+
+    @property
+    def is_chief(self) -> bool:
+        """Task "chief", or worker 0 when the cluster has no chief."""
+        task_type, task_id = self.task
+        if task_type == "chief":
+            return True
+        if task_type != "worker" or task_id != 0:
+            return False
+        resolver = self._cluster_resolver()
+        return resolver is None or "chief" not in resolver.cluster_spec().jobs
 
     @property
     def worker_count(self) -> int:
-        """Processes that train together: NPU ranks, or the chief and workers of TF_CONFIG."""
-        if self._npu is not None:
-            return self.rank_size
+        """The chief and workers of TF_CONFIG (1 without a cluster)."""
         resolver = self._cluster_resolver()
         if resolver is None:
             return 1
@@ -304,59 +344,87 @@ class Placement:
 
     @property
     def worker_index(self) -> int:
-        """This process's position among `worker_count`: the chief first, then the workers."""
         task_type, task_id = self.task
-        if self._npu is not None or task_type == "chief":
+        if task_type == "chief":
             return task_id
         resolver = self._cluster_resolver()
         has_chief = resolver is not None and "chief" in resolver.cluster_spec().jobs
         return task_id + (1 if has_chief else 0)
 
-    def wrap_optimizer(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
-        """The optimizer to compile with: loss-scaled for float16, all-reducing on several NPUs.
+    def _device_scope(self) -> contextlib.AbstractContextManager:
+        return self.strategy.scope()
 
-        Idempotent: an optimizer this placement returned (or a Keras LossScaleOptimizer on the
-        tf.distribute lanes) comes back unchanged, so nothing is wrapped twice.
-        """
-        if any(optimizer is done for done in self._wrapped):
-            return optimizer
-        if self._npu is not None:
-            npu_lso = self._npu.train.optimizer.NpuLossScaleOptimizer
-            if self.loss_scaling and not isinstance(optimizer, npu_lso):
-                optimizer = npu_lso(optimizer, dynamic=True)
-            if self.rank_size > 1:
-                optimizer = self._npu.distribute.npu_distributed_keras_optimizer_wrapper(optimizer)
-        elif self.loss_scaling and not compat.is_loss_scale_optimizer(optimizer):
-            optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-        self._wrapped.append(optimizer)
+    def _wrap(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+        """Keras's LossScaleOptimizer for float16 (an optimizer that already is one stays)."""
+        if self.loss_scaling and not compat.is_loss_scale_optimizer(optimizer):
+            return keras.mixed_precision.LossScaleOptimizer(optimizer)
         return optimizer
-
-    def callbacks(self) -> list[keras.callbacks.Callback]:
-        """The callbacks this placement needs in `fit`: weight broadcast on several NPUs, and a
-        `LossScaleMonitor` when loss scaling is on."""
-        from callbacks.loss_scale import LossScaleMonitor
-        from callbacks.placement import NPUPlacement
-
-        result: list[keras.callbacks.Callback] = []
-        if self._npu is not None and self.rank_size > 1:
-            result.append(NPUPlacement())
-        if self.loss_scaling:
-            result.append(LossScaleMonitor())
-        return result
 
     @property
     def device_names(self) -> tuple[str, ...]:
-        """The devices this process trains on, for logs."""
-        if self._npu is not None:
-            return (f"npu:{self.device_id}",)
         try:
             return tuple(self.strategy.extended.worker_devices)
         except RuntimeError:  # the default strategy: TensorFlow's own placement on this host
             return (f"/{self.device}:0",)
 
-    def __repr__(self) -> str:
-        return (
-            f"Placement(device={self.device!r}, precision={self.precision!r}, "
-            f"replicas={self.num_replicas_in_sync}, policy={self.dtype_policy.name!r})"
-        )
 
+class AscendPlacement(Placement):
+    """One Ascend NPU per process through `npu_device` (CANN's TF adapter); RANK_SIZE processes
+    train together, RANK_ID is this one. The Keras policy stays float32: the NPU graph compiler
+    mixes precision by `precision_mode` (see `NPU_PRECISION_MODES`)."""
+
+    device = "npu"
+
+    def __init__(self, npu, precision: str = NPU_DEFAULT_PRECISION):
+        super().__init__(precision, dict.fromkeys(PRECISIONS, "float32"))
+        self._npu = npu
+        self.device_id = _env_int("ASCEND_DEVICE_ID", 0, 0)
+        self.rank_size = _env_int("RANK_SIZE", 1, 1)
+        self.rank_id = _env_int("RANK_ID", 0, 0)
+        if self.rank_id >= self.rank_size:
+            raise ValueError(f"RANK_ID={self.rank_id} must be below RANK_SIZE={self.rank_size}.")
+        options = npu.global_options()
+        options.precision_mode = NPU_PRECISION_MODES[precision]
+        npu.open(self.device_id).as_default()
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """One replica per NPU process: RANK_SIZE."""
+        return self.rank_size
+
+    @property
+    def task(self) -> tuple[str, int]:
+        return "worker", self.rank_id
+
+    @property
+    def worker_count(self) -> int:
+        return self.rank_size
+
+    @property
+    def worker_index(self) -> int:
+        return self.rank_id
+
+    @property
+    def broadcasts_initial_weights(self) -> bool:
+        """Each rank initialises its own model, so several ranks start from rank 0's weights."""
+        return self.rank_size > 1
+
+    def _device_scope(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # `npu_device.open().as_default()` already placed everything
+
+    def _shard(self, dataset: tf.data.Dataset, global_batch_size: int) -> tuple[tf.data.Dataset, int]:
+        """`npu_device.distribute.shard_and_rebatch_dataset`: this rank's share and its batch."""
+        return self._npu.distribute.shard_and_rebatch_dataset(dataset, global_batch_size)
+
+    def _wrap(self, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+        """NpuLossScaleOptimizer for float16; the NPU gradient all-reduce for several ranks."""
+        npu_lso = self._npu.train.optimizer.NpuLossScaleOptimizer
+        if self.loss_scaling and not isinstance(optimizer, npu_lso):
+            optimizer = npu_lso(optimizer, dynamic=True)
+        if self.rank_size > 1:
+            optimizer = self._npu.distribute.npu_distributed_keras_optimizer_wrapper(optimizer)
+        return optimizer
+
+    @property
+    def device_names(self) -> tuple[str, ...]:
+        return (f"npu:{self.device_id}",)

@@ -37,12 +37,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tfds_ms1m
-from callbacks import ThroughputLogger, VerificationCallback
+from callbacks import ThroughputLogger, VerificationCallback, for_placement
 from faceid_keras import backbones, data, schedules, verification
 from faceid_keras.backup import TrainingBackup
-from faceid_keras.cli import positive_int
+from faceid_keras.argtypes import fraction, non_negative_float, non_negative_int, positive_int
 from faceid_keras.model import ArcFaceModel
-from faceid_keras.placement import DEVICES, PRECISIONS, Placement
+from faceid_keras.placement import DEVICES, PRECISIONS, Placement, StrategyPlacement
 from tfds_ms1m.binpack import VERIFICATION_TARGETS
 
 DEFAULT_TARGETS = ",".join(verification.DEFAULT_TARGETS)
@@ -51,27 +51,6 @@ EMBEDDING_FILE = "embedding.keras"
 CSV_FILE = "training_log.csv"
 JIT_COMPILE = {"auto": "auto", "true": True, "false": False}
 DATA_POLL_SECONDS = 2.0
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
 
 
 def _margin(text: str) -> str | tuple[float, float, float]:
@@ -107,23 +86,23 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="where an insightface --data_path is built (default: <model_dir>/tfds). "
                       "With several workers only the chief builds it; it must be on a filesystem "
                       "all workers share")
-    data.add_argument("--data_timeout", type=_non_negative_float, default=6 * 3600.0,
+    data.add_argument("--data_timeout", type=non_negative_float, default=6 * 3600.0,
                       help="seconds the other workers wait for the chief to build an insightface "
                       "--data_path before giving up (default: %(default)s); a prebuilt tfds "
                       "--data_path needs no wait")
     data.add_argument("--image_size", type=positive_int, default=None,
                       help="train and verify at this square size (default: the dataset's size)")
-    data.add_argument("--shuffle_buffer", type=_non_negative_int, default=20_000,
+    data.add_argument("--shuffle_buffer", type=non_negative_int, default=20_000,
                       help="examples in the shuffle buffer (default: %(default)s)")
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=list(backbones.BACKBONES), default="iresnet50")
     model.add_argument("--embedding_size", type=positive_int, default=512)
     model.add_argument("--norm", choices=list(backbones.NORMS), default="batch", help="backbone normalisation")
-    model.add_argument("--dropout", type=_non_negative_float, default=0.0, help="dropout before the embedding")
+    model.add_argument("--dropout", type=non_negative_float, default=0.0, help="dropout before the embedding")
     model.add_argument("--margin", type=_margin, default="arcface",
                        help="arcface, cosface, or m1,m2,m3 of cos(m1*theta+m2)-m3 (default: arcface)")
     model.add_argument("--scale", type=float, default=64.0, help="logit scale s (default: 64)")
-    model.add_argument("--sample_rate", type=_fraction, default=1.0,
+    model.add_argument("--sample_rate", type=fraction, default=1.0,
                        help="Partial FC: fraction of class centres sampled each step (default: 1, all)")
     model.add_argument("--shard_centres", action="store_true",
                        help="hold each replica's 1/R of the class centres and their momentum "
@@ -131,19 +110,19 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_epochs", type=positive_int, default=20)
     optim.add_argument("--batch_size", type=positive_int, default=128, help="batch size per replica")
-    optim.add_argument("--steps", type=_non_negative_int, default=0,
+    optim.add_argument("--steps", type=non_negative_int, default=0,
                        help="cap on the steps of each epoch; 0 trains full epochs (default)")
-    optim.add_argument("--lr", type=_non_negative_float, default=0.1, help="peak learning rate of SGD")
-    optim.add_argument("--momentum", type=_non_negative_float, default=0.9)
-    optim.add_argument("--weight_decay", type=_non_negative_float, default=5e-4)
+    optim.add_argument("--lr", type=non_negative_float, default=0.1, help="peak learning rate of SGD")
+    optim.add_argument("--momentum", type=non_negative_float, default=0.9)
+    optim.add_argument("--weight_decay", type=non_negative_float, default=5e-4)
     optim.add_argument("--lr_schedule", choices=("poly", "step"), default="poly",
                        help="after warmup: polynomial decay (power 2) to 0, or step decay (default: poly)")
-    optim.add_argument("--warmup_epochs", type=_non_negative_float, default=0.0,
+    optim.add_argument("--warmup_epochs", type=non_negative_float, default=0.0,
                        help="linear warmup from 0, in epochs (may be fractional)")
     optim.add_argument("--lr_steps", type=_epoch_list, default=(10.0, 16.0),
                        help="epochs at which the step schedule multiplies the rate by --lr_decay "
                        "(default: 10,16)")
-    optim.add_argument("--lr_decay", type=_non_negative_float, default=0.1)
+    optim.add_argument("--lr_decay", type=non_negative_float, default=0.1)
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--model_dir", default=os.path.join("runs", "faceid"),
                            help="output folder (default: %(default)s)")
@@ -373,9 +352,9 @@ def _check_same_step(placement: Placement, step: int, backup_dir: str) -> None:
     A worker that cannot see the chief's backup folder would start over while the others resume,
     and their collective ops would no longer match; this stops every worker with a clear error.
     """
-    strategy = placement.strategy
-    if strategy is None:
+    if not isinstance(placement, StrategyPlacement):
         return
+    strategy = placement.strategy
     value = tf.constant([1.0, step, float(step) ** 2], tf.float64)
     count, total, squares = strategy.reduce("SUM", strategy.run(lambda: value), axis=None).numpy()
     if total != count * step or squares != count * float(step) ** 2:
@@ -462,7 +441,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     targets = load_verification_targets(sources, names, image_size) if names else {}
 
     stop_on_nan = StopOnNaN(steps_per_epoch, first_step=step)
-    callbacks = [*placement.callbacks(), stop_on_nan, ThroughputLogger(global_batch)]
+    callbacks = [*for_placement(placement), stop_on_nan, ThroughputLogger(global_batch)]
     if targets:
         callbacks.append(VerificationCallback(targets))
     if placement.is_chief:

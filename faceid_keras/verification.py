@@ -264,45 +264,87 @@ def verify(model, images: np.ndarray, issame: np.ndarray, batch_size: int = 64) 
     return evaluate(embeddings[0::2], embeddings[1::2], issame)
 
 
+# Decoded-pixel bounds for verification packs: one image (a face crop is ~112x112; PIL's own
+# bomb limit is ~89M pixels) and all images of a pack together, as uint8 RGB.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_PACK_BYTES = 4 << 30
+
+
 def _decode(data: bytes, source: str, index: int):
-    """Decodes one encoded image to an RGB PIL image, naming the file and index on failure."""
+    """Decodes one encoded image to an RGB PIL image, naming the file and index on failure.
+
+    The image size is read from its header and checked against MAX_IMAGE_PIXELS before decoding.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    from tfds_ms1m.binpack import BinPackError
+
+    where = f"{source}: image {index} (pair {index // 2})"
     try:
         with Image.open(io.BytesIO(bytes(data))) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise BinPackError(
+                    f"{where}: {image.width}x{image.height} pixels, more than {MAX_IMAGE_PIXELS} "
+                    "(not a face crop)"
+                )
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{source}: image {index} (pair {index // 2}) cannot be decoded: {err}"
-        ) from err
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        if isinstance(err, BinPackError):
+            raise
+        raise BinPackError(f"{where} cannot be decoded: {err}") from err
 
 
-def _stack(images: Sequence, source: str, image_size: tuple[int, int] | None) -> np.ndarray:
-    """Stacks PIL images into uint8 [N, H, W, 3], resizing (bilinear) to image_size or the first size."""
+def _stack(
+    encoded: Sequence[bytes],
+    source: str,
+    image_size: tuple[int, int] | None,
+    max_bytes: int = MAX_PACK_BYTES,
+) -> np.ndarray:
+    """Decodes encoded images one at a time into uint8 [N, H, W, 3], resizing (bilinear) to
+    image_size or the first image's size; an image referenced several times is decoded once."""
     from PIL import Image
 
-    if not images:
-        raise ValueError(f"{source}: no images.")
-    height, width = image_size if image_size is not None else (images[0].height, images[0].width)
-    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
+    from tfds_ms1m.binpack import BinPackError
+
+    if not len(encoded):
+        raise BinPackError(f"{source}: no images.")
+    first = _decode(encoded[0], source, 0)
+    height, width = image_size if image_size is not None else (first.height, first.width)
+    nbytes = len(encoded) * height * width * 3
+    if nbytes > max_bytes:
+        raise BinPackError(
+            f"{source}: {len(encoded)} images of {height}x{width} need {nbytes} bytes decoded, "
+            f"more than the limit of {max_bytes}"
+        )
+    out = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
+    decoded_at: dict[int, int] = {}
+    for i, data in enumerate(encoded):
+        if id(data) in decoded_at:
+            out[i] = out[decoded_at[id(data)]]
+            continue
+        image = first if i == 0 else _decode(data, source, i)
         if image.size != (width, height):
             image = image.resize((width, height), Image.BILINEAR)
         out[i] = np.asarray(image)
+        decoded_at[id(data)] = i
     return out
 
 
-def load_bin(path: str | os.PathLike, image_size: tuple[int, int] | None = None):
+def load_bin(
+    path: str | os.PathLike,
+    image_size: tuple[int, int] | None = None,
+    max_bytes: int = MAX_PACK_BYTES,
+):
     """Reads an insightface ``.bin`` pack into (uint8 images [2N, H, W, 3], bool issame [N]).
 
     Images are resized (bilinear) to ``image_size`` (height, width) when given, else to the size
-    of the first image when sizes differ; pair i is images 2i and 2i+1.
+    of the first image when sizes differ; pair i is images 2i and 2i+1. A pack whose decoded images
+    would take more than ``max_bytes`` raises ``BinPackError`` before any is decoded.
     """
     from tfds_ms1m.binpack import read_bin
 
     encoded, issame = read_bin(path)
-    decoded = [_decode(data, os.fspath(path), i) for i, data in enumerate(encoded)]
-    return _stack(decoded, os.fspath(path), image_size), np.asarray(issame, dtype=bool)
+    return _stack(encoded, os.fspath(path), image_size, max_bytes), np.asarray(issame, dtype=bool)
 
 
 def _tfds_verification_dir(data_path: str | os.PathLike) -> str | None:
@@ -337,8 +379,7 @@ def load_tfds_split(builder_dir: str, name: str, image_size: tuple[int, int] | N
     source = f"{builder_dir} split {name}"
     images, issame = [], []
     for example in dataset.as_numpy_iterator():
-        images.append(_decode(example["image1"], source, len(images)))
-        images.append(_decode(example["image2"], source, len(images)))
+        images += [example["image1"], example["image2"]]
         issame.append(bool(example["is_same"]))
     return _stack(images, source, image_size), np.asarray(issame, dtype=bool)
 

@@ -249,3 +249,46 @@ def test_check_image():
         check(b"\x89PNG\r\n\x1a\n....IEND\xaeB`\x82", "where")
     with pytest.raises(ValueError, match="corrupt PNG"):
         check(b"\x89PNG\r\n\x1a\n....", "x", allow_png=True)
+
+
+def test_empty_index_names_the_file(bad_folder, tmp_path):
+    (bad_folder / "train.idx").write_bytes(b"")
+    _assert_build_fails(bad_folder, tmp_path / "data",
+                        r"bad/train\.idx: index is empty but .*bad/train\.rec holds \d+ bytes",
+                        error=recordio.RecordIOError)
+
+
+def test_class_count_bounded_before_names_are_built(bad_folder, tmp_path):
+    (bad_folder / "property").write_text("4000000000,112,112\n")
+    _assert_build_fails(bad_folder, tmp_path / "data", r"bad/property: .*classes must be in",
+                        error=recordio.RecordIOError)
+
+
+def _rebuild(folder, data_dir):
+    path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "tfds_ms1m.rebuild", "ms1m_arcface/train", "--manual_dir", str(folder),
+         "--data_dir", str(data_dir)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path), timeout=300,
+    )
+
+
+def test_rebuild_keeps_the_good_dataset_when_the_source_is_broken(bad_folder, tmp_path):
+    data_dir = tmp_path / "data"
+    _build(bad_folder, data_dir)
+    good = _raw_train(data_dir)
+    (bad_folder / "train.idx").write_bytes(b"")  # a half-copied source folder
+    result = _rebuild(bad_folder, data_dir)
+    assert result.returncode == 1
+    assert "bad/train.idx: index is empty" in result.stderr
+    assert "was not changed" in result.stderr
+    assert _raw_train(data_dir) == good
+    assert [p.name for p in data_dir.iterdir() if "rebuild" in p.name] == []  # no staging dir left
+    # A good source replaces the dataset, with the new class count.
+    other = synthetic.write_dataset(tmp_path / "other", 5, 2, image_size=8, pairs_per_target=20,
+                                    targets=("lfw",), seed=4)
+    result = _rebuild(other, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rebuilt" in result.stdout and _raw_train(data_dir) == _source_train(other)
+    assert tfds.builder("ms1m_arcface", data_dir=str(data_dir)).info.features["label"].num_classes == 5
+    assert sorted(p.name for p in (data_dir / "ms1m_arcface" / "train").iterdir()) == ["1.0.0"]

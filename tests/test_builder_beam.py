@@ -4,7 +4,6 @@ DirectRunner, named directly so Beam does not try to fetch its Prism runner), ex
 the same dataset as the plain build (same keys, bytes, labels and order); bad records fail with the
 same messages."""
 
-import os
 import subprocess
 import sys
 
@@ -18,9 +17,9 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: E
 
 import tfds_ms1m  # noqa: E402
 from tfds_ms1m import recordio, synthetic  # noqa: E402
+from helpers import repo_env  # noqa: E402
 from test_builder import _rewrite_train  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tfds_ms1m.__file__)))
 
 
 def _in_process_options():
@@ -79,13 +78,12 @@ def test_in_process_beam_build_matches_plain_build(synthetic_folder, tfds_data_d
 
 def test_beam_build_two_processes_command_line(synthetic_folder, tfds_data_dir, tmp_path):
     out = tmp_path / "beam2"
-    path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-m", "tensorflow_datasets.scripts.cli.main", "build", "ms1m_arcface/train",
          "--imports", "tfds_ms1m", "--manual_dir", str(synthetic_folder), "--data_dir", str(out),
          "--beam_pipeline_options",
          "runner=FnApiRunner,direct_num_workers=2,direct_running_mode=multi_processing"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path), timeout=300,
+        capture_output=True, text=True, env=repo_env(), timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # The multi-process pipeline really ran (the plain build starts no Beam workers).

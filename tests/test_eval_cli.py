@@ -2,6 +2,7 @@
 import argparse
 import io
 import re
+import zipfile
 
 import keras
 import numpy as np
@@ -73,3 +74,33 @@ def test_add_parser_registers_eval_subcommand(saved_model):
         str(saved_model), "/data", "lfw,cfp_fp,agedb_30", 32, None)
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", str(saved_model), "--data_path", "/data", "--batch_size", "0"])
+
+
+def _without_config(saved_model, path):
+    with zipfile.ZipFile(saved_model) as source, zipfile.ZipFile(path, "w") as target:
+        for name in source.namelist():
+            if name != "config.json":
+                target.writestr(name, source.read(name))
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("no_config", r"broken\.keras: not a Keras model archive: it holds no config\.json"),
+    ("corrupt_h5", r"broken\.h5: cannot load this HDF5 \(\.h5\) model: OSError"),
+    ("truncated", r"broken\.keras: not a \.keras model archive \(zip\)"),
+    ("junk", r"broken\.keras: neither a \.keras archive \(zip\) nor an \.h5 file"),
+    ("missing", r"broken\.keras: no such model file"),
+])
+def test_eval_broken_model_file_names_it(saved_model, pack_folder, tmp_path, damage, pattern):
+    from faceid_keras.model_file import ModelFileError
+
+    path = tmp_path / ("broken.h5" if damage == "corrupt_h5" else "broken.keras")
+    if damage == "no_config":
+        _without_config(saved_model, path)
+    elif damage == "corrupt_h5":
+        path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4)
+    elif damage == "truncated":
+        path.write_bytes(saved_model.read_bytes()[:300])
+    elif damage == "junk":
+        path.write_bytes(b"not a model at all")
+    with pytest.raises(ModelFileError, match=pattern):
+        evaluate.main([str(path), "--data_path", str(pack_folder), "--targets", "lfw"])

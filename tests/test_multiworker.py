@@ -7,11 +7,8 @@ import json
 import os
 import re
 import runpy
-import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,90 +17,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from faceid_keras.placement import Placement
-
-REPO = Path(__file__).resolve().parents[1]
+from faceid_keras.placement import Placement, StrategyPlacement
+from helpers import REPO, WORKERS, local_cluster, repo_env, worker_command
 TIMEOUT = 240
-
-# The two workers run this script with TF_CONFIG set; the test process runs it once without, as
-# the single-process reference.
-_TRAIN = textwrap.dedent(
-    """
-    import json
-    import os
-    import sys
-
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from faceid_keras.model import ArcFaceModel
-    from faceid_keras.placement import Placement
-
-    out, result = sys.argv[1], sys.argv[2]
-    placement = Placement.create("cpu")
-
-    # One deterministic dataset of global batches, the same in every process. Its examples come
-    # from memory (no files), so it is sharded by DATA: each worker reads it all and keeps its
-    # part of every global batch; AUTO would try FILE sharding first and fall back with a warning.
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (24, 8, 8, 3)).astype("float32")
-    labels = (np.arange(24) % 12).astype("int32")
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8).with_options(options)
-
-    with placement.scope():
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((8, 8, 3))
-        x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
-        x = keras.layers.Dense(8)(keras.layers.Flatten()(x))
-        model = ArcFaceModel(keras.Model(inputs, x), num_classes=12, scale=8.0, weight_decay=5e-4,
-                             sample_rate=0.5)
-        model.compile(optimizer=placement.wrap_optimizer(keras.optimizers.SGD(0.1, momentum=0.9)),
-                      jit_compile=False)
-    start = [w.numpy() for w in model.weights]
-    callbacks = [keras.callbacks.CSVLogger(os.path.join(out, "log.csv"))] if placement.is_chief else []
-    with placement.output_dir(os.path.join(out, "checkpoints")) as folder:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            os.path.join(folder, "epoch{epoch}.weights.h5"), save_weights_only=True))
-        history = model.fit(dataset, epochs=2, verbose=0, callbacks=callbacks).history
-        worker_folder = folder
-    with placement.output_dir(out) as folder:
-        model.save_weights(os.path.join(folder, "final.weights.h5"))
-    np.savez(result, *[w.numpy() for w in model.weights])
-    with open(result + ".json", "w") as f:
-        json.dump({
-            "task": list(placement.task), "chief": placement.is_chief,
-            "replicas": placement.num_replicas_in_sync, "loss": history["loss"],
-            "worker_folder": worker_folder,
-            "update": max(float(np.abs(w.numpy() - s).max()) for w, s in zip(model.weights, start)),
-        }, f)
-    """
-)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
 
 def _two_workers() -> dict[str, dict]:
     """TF_CONFIG of a fresh two-worker cluster on localhost, by worker name."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    return {f"worker{i}": {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-            for i in range(2)}
+    return {f"worker{i}": config for i, config in enumerate(local_cluster(2))}
 
 
 def _start(argv: list[str], tf_config: dict, log: Path, **env: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(tf_config), **env)
+    env = repo_env(CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(tf_config), **env)
     with open(log, "w") as stream:
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT)
 
@@ -120,14 +44,13 @@ def _kill(processes: dict[str, subprocess.Popen]) -> None:
 
 
 def test_two_workers_step_like_one_process_and_only_the_chief_writes(tmp_path, monkeypatch):
-    script = tmp_path / "train.py"
-    script.write_text(_TRAIN)
+    script = WORKERS / "multiworker_fit.py"
     runs = _two_workers()
     processes = {}
     try:
         for name, tf_config in runs.items():
             (tmp_path / name).mkdir()
-            argv = [sys.executable, str(script), str(tmp_path / name), str(tmp_path / f"{name}.npz")]
+            argv = worker_command("multiworker_fit", tmp_path / name, tmp_path / f"{name}.npz")
             processes[name] = _start(argv, tf_config, tmp_path / f"{name}.log")
         monkeypatch.delenv("TF_CONFIG", raising=False)
         (tmp_path / "single").mkdir()
@@ -178,7 +101,7 @@ def test_chief_is_the_chief_task_or_worker_zero(monkeypatch):
         monkeypatch.setenv("TF_CONFIG", json.dumps(config))
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         strategy = type("Strategy", (), {"cluster_resolver": resolver, "num_replicas_in_sync": 1})()
-        return Placement("cpu", strategy=strategy)
+        return StrategyPlacement("cpu", strategy=strategy)
 
     two = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
     assert placement(two, "worker", 0).is_chief and not placement(two, "worker", 1).is_chief
@@ -205,7 +128,7 @@ def test_each_worker_gets_its_share_of_the_records_and_of_the_batch(monkeypatch)
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         replicas = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
         strategy = type("Strategy", (), {"cluster_resolver": resolver, "num_replicas_in_sync": replicas})()
-        placement = Placement("cpu", strategy=strategy)
+        placement = StrategyPlacement("cpu", strategy=strategy)
         records, batch = placement.distribute_dataset(tf.data.Dataset.range(12), 6)
         return placement.worker_count, placement.worker_index, [int(r) for r in records], batch
 

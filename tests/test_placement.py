@@ -1,20 +1,18 @@
 """Placement: device and precision choice, optimizer wrapping, the NPU call protocol, 2 replicas."""
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import keras
 import pytest
 import tensorflow as tf
 
-from callbacks import LossScaleMonitor, NPUPlacement
+from callbacks import BroadcastInitialWeights, LossScaleMonitor, for_placement
 from faceid_keras import compat
-from faceid_keras.placement import Placement
+from faceid_keras.placement import AscendPlacement, Placement, StrategyPlacement
+from helpers import run_worker
 
-REPO = Path(__file__).resolve().parents[1]
 FAKE_NPU = Path(__file__).resolve().parent / "fake_npu_device"
 
 
@@ -51,12 +49,13 @@ def _tiny_model():
 
 def test_cpu_fp32_is_plain_keras():
     placement = Placement.create("cpu")
+    assert isinstance(placement, StrategyPlacement)
     assert placement.device == "cpu" and placement.precision == "fp32"
     assert placement.num_replicas_in_sync == 1
     assert keras.mixed_precision.global_policy().name == "float32"
     optimizer = keras.optimizers.SGD(0.1)
     assert placement.wrap_optimizer(optimizer) is optimizer
-    assert placement.callbacks() == []
+    assert for_placement(placement) == []
     dataset = tf.data.Dataset.range(10)
     assert placement.distribute_dataset(dataset, 4) == (dataset, 4)
     with placement.scope():
@@ -70,7 +69,6 @@ def test_auto_without_npu_or_gpu_is_cpu():
 
 def test_mixed_float16_wraps_once_and_compile_keeps_it():
     placement = Placement.create("cpu", precision="mixed_float16")
-    assert keras.mixed_precision.global_policy().name == "mixed_float16"
     assert placement.loss_scaling
     wrapped = placement.wrap_optimizer(keras.optimizers.SGD(0.1))
     assert isinstance(wrapped, keras.mixed_precision.LossScaleOptimizer)
@@ -79,15 +77,31 @@ def test_mixed_float16_wraps_once_and_compile_keeps_it():
     model.compile(optimizer=wrapped, loss="mse")
     assert model.optimizer is wrapped
     assert not isinstance(wrapped.inner_optimizer, keras.mixed_precision.LossScaleOptimizer)
-    assert [type(c) for c in placement.callbacks()] == [LossScaleMonitor]
+    assert [type(c) for c in for_placement(placement)] == [LossScaleMonitor]
 
 
 def test_mixed_bfloat16_sets_policy_without_loss_scaling():
     placement = Placement.create("cpu", precision="mixed_bfloat16")
-    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    with placement.scope():
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     optimizer = keras.optimizers.SGD(0.1)
     assert placement.wrap_optimizer(optimizer) is optimizer
-    assert placement.callbacks() == []
+    assert for_placement(placement) == []
+
+
+def test_the_policy_holds_inside_scope_only():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    placement = Placement.create("cpu", precision="mixed_float16")
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    with placement.scope():
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+        layer = keras.layers.Dense(2)
+    assert layer.dtype_policy.name == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    with pytest.raises(RuntimeError, match="inside"):
+        with placement.scope():
+            raise RuntimeError("inside")
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -131,13 +145,15 @@ def test_fake_npu_options_reject_unknown_fields(fake_npu):
 def test_npu_one_device_calls_in_order(fake_npu, monkeypatch):
     monkeypatch.setenv("ASCEND_DEVICE_ID", "3")
     placement = Placement.create(precision="mixed_float16")
+    assert isinstance(placement, AscendPlacement) and not placement.broadcasts_initial_weights
     assert placement.device == "npu" and placement.num_replicas_in_sync == 1
-    assert keras.mixed_precision.global_policy().name == "float32"
+    with placement.scope():
+        assert keras.mixed_precision.global_policy().name == "float32"
     optimizer = placement.wrap_optimizer(keras.optimizers.SGD(0.1))
     assert placement.wrap_optimizer(optimizer) is optimizer
     dataset = tf.data.Dataset.range(8)
     assert placement.distribute_dataset(dataset, 4) == (dataset, 4)
-    assert [type(c) for c in placement.callbacks()] == [LossScaleMonitor]
+    assert [type(c) for c in for_placement(placement)] == [LossScaleMonitor]
     assert fake_npu.CALLS == [
         ("global_options", {}),
         ("global_options.set", {"field": "precision_mode", "value": "allow_mix_precision"}),
@@ -152,7 +168,7 @@ def test_npu_fp32_uses_force_fp32_and_no_loss_scaling(fake_npu):
     placement = Placement.create("npu", precision="fp32")
     optimizer = keras.optimizers.SGD(0.1)
     assert placement.wrap_optimizer(optimizer) is optimizer
-    assert placement.callbacks() == []
+    assert for_placement(placement) == []
     assert fake_npu.CALLS == [
         ("global_options", {}),
         ("global_options.set", {"field": "precision_mode", "value": "force_fp32"}),
@@ -189,8 +205,8 @@ def test_npu_two_ranks_shard_wrap_and_broadcast_in_order(fake_npu, monkeypatch):
     shard, batch_size = placement.distribute_dataset(records, 8)
     assert batch_size == 4
     assert [int(x[0]) for x, _ in shard] == list(range(1, 16, 2))
-    callbacks = placement.callbacks()
-    assert [type(c) for c in callbacks] == [NPUPlacement, LossScaleMonitor]
+    callbacks = for_placement(placement)
+    assert [type(c) for c in callbacks] == [BroadcastInitialWeights, LossScaleMonitor]
     history = model.fit(shard.batch(batch_size), epochs=1, verbose=0, callbacks=callbacks)
     assert history.history["skipped_steps"] == [0]
     assert fake_npu.CALLS == _two_rank_float16_calls(device_id=0, global_batch=8, model=model)
@@ -221,7 +237,7 @@ def test_npu_arcface_fit_on_the_tfds_pipeline_makes_the_npu_calls_in_order(fake_
     dataset = data.train_dataset(str(tfds_data_dir), batch_size=8, seed=0, placement=placement)
     images, labels = next(iter(dataset))
     assert images.shape[0] == 4 and labels.shape == (4,)  # this rank's half of the global batch
-    history = model.fit(dataset.take(3), epochs=1, verbose=0, callbacks=placement.callbacks())
+    history = model.fit(dataset.take(3), epochs=1, verbose=0, callbacks=for_placement(placement))
     assert fake_npu.CALLS == _two_rank_float16_calls(device_id=1, global_batch=8, model=model)
     # float32 on the host: nothing overflows at the initial scale.
     assert history.history["skipped_steps"] == [0] and history.history["last_step_finite"] == [1]
@@ -271,67 +287,9 @@ def test_npu_rank_outside_rank_size_raises(fake_npu, monkeypatch):
         Placement.create()
 
 
-_TWO_REPLICAS = textwrap.dedent(
-    """
-    import json
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-    import keras
-    import numpy as np
-
-    from faceid_keras.model import ArcFaceModel
-    from faceid_keras.placement import Placement
-
-
-    def backbone():
-        inputs = keras.Input((8, 8, 3))
-        x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
-        x = keras.layers.GroupNormalization(groups=2)(x)
-        x = keras.layers.Flatten()(x)
-        return keras.Model(inputs, keras.layers.Dense(8)(x))
-
-
-    def train_one_step(placement, images, labels, weights):
-        with placement.scope():
-            model = ArcFaceModel(backbone(), num_classes=5, weight_decay=5e-4)
-            if weights is not None:
-                model.set_weights(weights)
-            start = model.get_weights()
-            model.compile(optimizer=placement.wrap_optimizer(keras.optimizers.SGD(0.01, momentum=0.9)))
-        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(len(labels))
-        model.fit(dataset, epochs=1, verbose=0)
-        return start, model.get_weights()
-
-
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (8, 8, 8, 3)).astype("float32")
-    labels = rng.integers(0, 5, 8).astype("int32")
-    two = Placement.create("cpu", devices=["/cpu:0", "/cpu:1"])
-    one = Placement.create("cpu")
-    start, after_two = train_one_step(two, images, labels, None)
-    _, after_one = train_one_step(one, images, labels, start)
-    print("RESULT " + json.dumps({
-        "replicas": [two.num_replicas_in_sync, one.num_replicas_in_sync],
-        "devices": list(two.device_names),
-        "update": max(float(np.max(np.abs(a - s))) for a, s in zip(after_one, start)),
-        "diff": max(float(np.max(np.abs(a - b))) for a, b in zip(after_two, after_one)),
-    }))
-    """
-)
-
-
-def test_two_cpu_replicas_step_like_one_replica_with_the_global_batch(tmp_path):
-    script = tmp_path / "two_replicas.py"
-    script.write_text(_TWO_REPLICAS)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run(
-        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
+def test_two_cpu_replicas_step_like_one_replica_with_the_global_batch():
+    lines = [line for line in run_worker("two_replicas_step").splitlines() if line.startswith("RESULT ")]
+    assert lines
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["replicas"] == [2, 1]
     assert len(result["devices"]) == 2

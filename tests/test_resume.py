@@ -14,7 +14,8 @@ import pytest
 import faceid_keras  # noqa: F401  (registers the model classes for load_model)
 from faceid_keras import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, repo_env
+
 EPOCHS, STEPS = 2, 5
 
 
@@ -41,14 +42,10 @@ def _wait_for_mid_epoch_backup(state_path, process, timeout=300):
     raise AssertionError(f"no mid-epoch backup in {state_path} after {timeout} s")
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 def _kill_mid_epoch_and_rerun(data_dir, model_dir, log_dir):
     """Runs the command, SIGKILLs it after its first mid-epoch backup, reruns it; returns (state, rerun)."""
     command = _command(data_dir, model_dir)
-    env = _env()
+    env = repo_env()
     state_path = model_dir / "backup" / "state.json"
     with open(log_dir / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -83,7 +80,7 @@ def test_sigkill_mid_epoch_then_rerun_finishes_with_the_same_steps(tfds_data_dir
 @pytest.mark.slow
 def test_resumed_run_ends_with_the_weights_of_an_unbroken_run(tfds_data_dir, tmp_path):
     _kill_mid_epoch_and_rerun(tfds_data_dir, tmp_path / "resumed", tmp_path)
-    unbroken = subprocess.run(_command(tfds_data_dir, tmp_path / "unbroken"), cwd=REPO, env=_env(),
+    unbroken = subprocess.run(_command(tfds_data_dir, tmp_path / "unbroken"), cwd=REPO, env=repo_env(),
                               capture_output=True, text=True, timeout=600)
     assert unbroken.returncode == 0, unbroken.stdout[-3000:] + unbroken.stderr[-3000:]
     resumed = keras.models.load_model(tmp_path / "resumed" / train.MODEL_FILE)

@@ -11,8 +11,8 @@ import pytest
 
 from faceid_keras import cli, compat, schedules, train
 from faceid_keras.backup import TrainingBackup
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "iresnet18", "--embedding_size", "16", "--batch_size", "8", "--verbose", "2"]
 
 
@@ -179,7 +179,7 @@ def test_train_rejects_a_folder_that_is_no_dataset(tmp_path):
 def test_performance_script_prints_modelzoo_lines(synthetic_folder, tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, ASCEND_DEVICE_ID="0")
     result = subprocess.run(
-        ["bash", os.path.join(REPO, "scripts", "train_performance_1p.sh"), f"--data_path={synthetic_folder}",
+        ["bash", str(REPO / "scripts" / "train_performance_1p.sh"), f"--data_path={synthetic_folder}",
          f"--output_path={tmp_path}", "--batch_size=8", "--steps=3", "--backbone=iresnet18",
          "--embedding_size=16"],
         env=env, capture_output=True, text=True, timeout=600,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from callbacks import LossScaleMonitor, ThroughputLogger
+from callbacks import LossScaleMonitor, ThroughputLogger, for_placement
 from faceid_keras import compat
 from faceid_keras.model import ArcFaceModel
 from faceid_keras.placement import Placement
@@ -136,10 +136,10 @@ def test_throughput_excludes_the_first_batch_per_epoch_and_summarises_the_run():
 
 def test_arcface_model_trains_under_mixed_float16_placement():
     placement = Placement.create("cpu", precision="mixed_float16")
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
-    backbone = keras.Model(inputs, keras.layers.Dense(8)(keras.layers.Flatten()(x)))
-    with placement.scope():
+    with placement.scope():  # layers made here compute in float16
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
+        backbone = keras.Model(inputs, keras.layers.Dense(8)(keras.layers.Flatten()(x)))
         model = ArcFaceModel(backbone, num_classes=4)
         optimizer = placement.wrap_optimizer(keras.optimizers.SGD(0.01))
         model.compile(optimizer=optimizer)
@@ -148,7 +148,7 @@ def test_arcface_model_trains_under_mixed_float16_placement():
     images = rng.uniform(-1, 1, (64, 8, 8, 3)).astype("float32")
     labels = rng.integers(0, 4, 64).astype("int32")
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
-    callbacks = placement.callbacks() + [ThroughputLogger(8, print_fn=lambda line: None)]
+    callbacks = for_placement(placement) + [ThroughputLogger(8, print_fn=lambda line: None)]
     history = model.fit(dataset, epochs=2, verbose=0, callbacks=callbacks)
     # The s=64 margin logits overflow float16 at the initial scale 2**15: the first steps are
     # skipped, each halving the scale, until the gradients fit; then training proceeds.

@@ -10,6 +10,7 @@ labels follow. The `.idx` holds "key\\toffset" lines, in any order.
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 from typing import BinaryIO, Iterator, NamedTuple, Sequence, Union
@@ -29,6 +30,10 @@ _FLAG_LABEL = struct.Struct("<If")
 _FLOAT = struct.Struct("<f")
 # Keys per `read_many` call in `iter_images`: bounds the index arrays held at once.
 _ITER_KEYS = 1 << 16
+# Most classes a `property` file may declare (WebFace42M, the largest public set, has 2.06M).
+MAX_CLASSES = 1 << 22
+# Largest image side a `property` file may declare.
+MAX_SIDE = 1 << 14
 
 PathLike = Union[str, os.PathLike]
 
@@ -95,15 +100,18 @@ def unpack_image(payload: bytes, where: str = "payload") -> tuple[int, bytes]:
     if len(payload) < _IR_HEADER.size:
         raise RecordIOError(f"{where}: {len(payload)} bytes, too short for the 24-byte IRHeader")
     flag, label = _FLAG_LABEL.unpack_from(payload, 0)
-    if flag == 0:
-        return int(label), payload[_IR_HEADER.size :]
-    start = _IR_HEADER.size + 4 * flag
-    if start > len(payload):
-        raise RecordIOError(
-            f"{where}: IRHeader flag {flag} announces {flag} labels but the payload "
-            f"has only {len(payload)} bytes"
-        )
-    return int(_FLOAT.unpack_from(payload, _IR_HEADER.size)[0]), payload[start:]
+    start = _IR_HEADER.size
+    if flag:
+        start += 4 * flag
+        if start > len(payload):
+            raise RecordIOError(
+                f"{where}: IRHeader flag {flag} announces {flag} labels but the payload "
+                f"has only {len(payload)} bytes"
+            )
+        label = _FLOAT.unpack_from(payload, _IR_HEADER.size)[0]
+    if not math.isfinite(label):
+        raise RecordIOError(f"{where}: image label is {label}, not a class id")
+    return int(label), payload[start:]
 
 
 def _open(path_or_file: PathLike | BinaryIO, mode: str) -> tuple[BinaryIO, str, bool]:
@@ -141,6 +149,8 @@ def read_index(idx_path: PathLike | BinaryIO) -> tuple[np.ndarray, np.ndarray]:
             f.close()
     if isinstance(text, str):
         text = text.encode()
+    if not text.strip():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     try:
         pairs = np.loadtxt(io.BytesIO(text), dtype=np.int64, ndmin=2, comments=None)
         if pairs.size and pairs.shape[1] != 2:
@@ -195,6 +205,11 @@ class RecordReader:
             raise RecordIOError(
                 f"{self.name}: index entry for key {int(self._keys[bad])} points to offset "
                 f"{int(self._offsets[bad])}, past the end of the file ({self.size} bytes)"
+            )
+        if not self._keys.size and self.size:
+            idx_name = idx_path.name if hasattr(idx_path, "read") else os.fspath(idx_path)
+            raise RecordIOError(
+                f"{idx_name}: index is empty but {self.name} holds {self.size} bytes of records"
             )
         self._keys.flags.writeable = False
         self._contiguous = bool(
@@ -402,16 +417,23 @@ def read_property(path: PathLike) -> tuple[int, int, int]:
         path = path / "property"
     if not path.exists():
         raise FileNotFoundError(f"{path}: `property` file missing (expected 'classes,height,width')")
-    text = path.read_text().strip()
-    fields = text.split(",")
+    with path.open("rb") as f:
+        raw = f.read(256)
     try:
-        if len(fields) != 3:
+        text = raw.decode("ascii").strip()
+        fields = text.split(",")
+        if len(raw) == 256 or len(fields) != 3 or not all(x.strip().isdigit() for x in fields):
             raise ValueError
         num_classes, height, width = (int(x) for x in fields)
     except ValueError:
-        raise ValueError(f"{path}: content {text[:60]!r}, expected 'classes,height,width'") from None
-    if num_classes <= 0 or height <= 0 or width <= 0:
-        raise ValueError(f"{path}: content {text!r}: all three numbers must be positive")
+        raise RecordIOError(
+            f"{path}: content {raw[:60]!r}, expected 'classes,height,width' (three positive integers)"
+        ) from None
+    if not (0 < num_classes <= MAX_CLASSES and 0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
+        raise RecordIOError(
+            f"{path}: content {text!r}: classes must be in [1, {MAX_CLASSES}] and height and "
+            f"width in [1, {MAX_SIDE}]"
+        )
     return num_classes, height, width
 
 
@@ -434,15 +456,23 @@ def image_keys(reader: RecordReader) -> Sequence[int]:
         raise RecordIOError(
             f"{reader.name}: header record key 0 has {label.size} label(s), expected [id_start, id_end]"
         )
-    id_start = int(label[0])
-    keys = range(1, id_start)
-    missing = [k for k in (keys[0], keys[-1]) if keys and k not in reader]
-    if missing:
+    where = f"{reader.name}: header record key 0"
+    if not math.isfinite(label[0]) or label[0] != int(label[0]) or label[0] < 2:
         raise RecordIOError(
-            f"{reader.name}: header record key 0 says images are keys 1..{id_start - 1} but key "
-            f"{missing[0]} is not in the index"
+            f"{where}: id_start is {label[0]}; expected an integer >= 2 (images are keys "
+            "1 .. id_start - 1)"
         )
-    return keys
+    id_start = int(label[0])
+    index = reader.keys
+    present = int(np.searchsorted(index, min(id_start, index[-1] + 1)) - np.searchsorted(index, 1))
+    if present != id_start - 1:
+        # Among keys 1 .. len(index) + 1 one is always missing, so this stops early.
+        first_missing = next(k for k in range(1, id_start) if k not in reader)
+        raise RecordIOError(
+            f"{where}: says images are keys 1..{id_start - 1} but key {first_missing} is not in "
+            f"the index ({present} of them are)"
+        )
+    return range(1, id_start)
 
 
 def iter_images(

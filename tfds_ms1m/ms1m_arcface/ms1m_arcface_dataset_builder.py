@@ -53,21 +53,23 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
 
 
-def check_image(data: bytes, where: str, allow_png: bool = False) -> None:
-    """Raise ValueError naming `where` unless `data` looks like a complete JPEG (or PNG if allowed)."""
+def check_image(
+    data: bytes, where: str, allow_png: bool = False, error: type[ValueError] = ValueError
+) -> None:
+    """Raise `error` naming `where` unless `data` looks like a complete JPEG (or PNG if allowed)."""
     if data.startswith(_JPEG_SOI):
         if not data.rstrip(b"\0").endswith(_JPEG_EOI):
-            raise ValueError(
+            raise error(
                 f"{where}: corrupt JPEG ({len(data)} bytes): no end-of-image marker FF D9, "
                 "the image is truncated or damaged"
             )
         return
     if allow_png and data.startswith(_PNG_SIGNATURE):
         if not data.rstrip(b"\0").endswith(_PNG_IEND):
-            raise ValueError(f"{where}: corrupt PNG ({len(data)} bytes): no IEND chunk at the end")
+            raise error(f"{where}: corrupt PNG ({len(data)} bytes): no IEND chunk at the end")
         return
     expected = "JPEG or PNG" if allow_png else "JPEG"
-    raise ValueError(
+    raise error(
         f"{where}: not a {expected} image ({len(data)} bytes, starts with {data[:4].hex(' ')}); "
         "a JPEG starts with FF D8"
     )
@@ -115,11 +117,11 @@ class _TrainRecords:
         where = f"{self._reader.name}: record key {key}"
         label, image = recordio.unpack_image(payload, where)
         if not 0 <= label < self.num_classes:
-            raise ValueError(
+            raise recordio.RecordIOError(
                 f"{where}: label {label} outside [0, {self.num_classes}) given by "
                 f"{self.folder / 'property'}"
             )
-        check_image(image, where)
+        check_image(image, where, error=recordio.RecordIOError)
         return key, {"image": image, "label": label}
 
     def __call__(self, chunk: tuple[int, int]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -145,6 +147,45 @@ class _TrainRecords:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def check_train_folder(folder: epath.PathLike) -> int:
+    """Check an insightface folder before anything is built from it; return its class count.
+
+    Reads `property`, the whole index and the header record: a folder whose structure is broken
+    fails here, naming the file, before any example is written.
+    """
+    folder = epath.Path(folder)
+    for name in ("train.rec", "train.idx", "property"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(
+                f"{folder / name}: missing; the manual dir must be an insightface folder "
+                "with train.rec, train.idx and property"
+            )
+    num_classes, _, _ = recordio.read_property(folder / "property")
+    records = _TrainRecords(folder, num_classes)
+    with contextlib.closing(records):
+        total = len(records)
+        if not total:
+            raise recordio.RecordIOError(f"{folder / 'train.rec'}: holds no image records")
+        if num_classes > total:
+            raise recordio.RecordIOError(
+                f"{folder / 'property'}: declares {num_classes} classes but "
+                f"{folder / 'train.rec'} holds only {total} images"
+            )
+    return num_classes
+
+
+def verification_targets(folder: epath.PathLike) -> list[str]:
+    """Names of the `.bin` packs in `folder`; FileNotFoundError when there is none."""
+    folder = epath.Path(folder)
+    targets = [t for t in binpack.VERIFICATION_TARGETS if (folder / f"{t}.bin").exists()]
+    if not targets:
+        raise FileNotFoundError(
+            f"{folder}: no verification pack found; expected one of "
+            + ", ".join(f"{t}.bin" for t in binpack.VERIFICATION_TARGETS)
+        )
+    return targets
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -230,23 +271,12 @@ runner: Beam 2.77's DirectRunner hands the pipeline to Prism first, which runs i
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         folder = epath.Path(dl_manager.manual_dir)
         if self.builder_config.name == "train":
-            for name in ("train.rec", "train.idx", "property"):
-                if not (folder / name).exists():
-                    raise FileNotFoundError(
-                        f"{folder / name}: missing; the manual dir must be an insightface folder "
-                        "with train.rec, train.idx and property"
-                    )
-            num_classes, _, _ = recordio.read_property(folder / "property")
+            num_classes = check_train_folder(folder)
             label = self.info.features["label"]
             if label.num_classes != num_classes:
                 label.names = [str(i) for i in range(num_classes)]
             return {"train": self._generate_examples(folder=folder, num_classes=num_classes)}
-        targets = [t for t in binpack.VERIFICATION_TARGETS if (folder / f"{t}.bin").exists()]
-        if not targets:
-            raise FileNotFoundError(
-                f"{folder}: no verification pack found; expected one of "
-                + ", ".join(f"{t}.bin" for t in binpack.VERIFICATION_TARGETS)
-            )
+        targets = verification_targets(folder)
         return {t: self._generate_examples(folder=folder, target=t) for t in targets}
 
     def _generate_examples(self, folder: epath.Path, num_classes: int = 0, target: str | None = None):
@@ -272,6 +302,6 @@ runner: Beam 2.77's DirectRunner hands the pipeline to Prism first, which runs i
         images, issame = binpack.read_bin(path)
         for i, same in enumerate(issame):
             first, second = images[2 * i], images[2 * i + 1]
-            check_image(first, f"{path}: pair {i}, image {2 * i}", allow_png=True)
-            check_image(second, f"{path}: pair {i}, image {2 * i + 1}", allow_png=True)
+            for index, image in ((2 * i, first), (2 * i + 1, second)):
+                check_image(image, f"{path}: pair {i}, image {index}", True, binpack.BinPackError)
             yield i, {"image1": first, "image2": second, "is_same": bool(same)}
