@@ -1,4 +1,5 @@
-"""`faceid eval MODEL --data_path DIR`: verification accuracy of a saved model on lfw, cfp_fp, ..."""
+"""`faceid eval MODEL --data_path DIR`: verification accuracy of a saved model on lfw, cfp_fp, ...;
+`--ijb DIR --ijb_set IJBC` adds IJB-C / IJB-B TAR@FAR (see `faceid_keras.ijb_eval`)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 # Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
 # keras.models.load_model needs no custom_objects.
-from faceid_keras import model_file, verification
+from faceid_keras import ijb_eval, model_file, verification
 from faceid_keras.argtypes import positive_int
 
 
@@ -89,16 +90,21 @@ def plot_roc(results: Mapping[str, dict], path: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
     """Loads the model and the targets, evaluates them, prints the table, optionally plots the ROC."""
+    if args.data_path is None and args.ijb is None:
+        raise ValueError("faceid eval needs --data_path (verification packs) or --ijb (an IJB folder)")
     names = [name for name in args.targets.split(",") if name]
-    targets = verification.load_targets(args.data_path, names)
+    targets = verification.load_targets(args.data_path, names) if args.data_path is not None else {}
     model = model_file.load_model(args.model)
     results = {}
     for name, (images, issame) in targets.items():
         results[name] = verification.verify(model, images, issame, args.batch_size)
-    print(format_table(results))
-    print()
-    print("Decision thresholds over all pairs (same person when cosine > threshold):")
-    print(format_decisions(results))
+    if targets:
+        print(format_table(results))
+        print()
+        print("Decision thresholds over all pairs (same person when cosine > threshold):")
+        print(format_decisions(results))
+    if args.ijb is not None:
+        results.update(ijb_eval.run(model, args))
     if args.roc_plot:
         plot_roc(results, args.roc_plot)
         print(f"ROC curves written to {args.roc_plot}")
@@ -109,7 +115,6 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model", help="saved model (.keras) whose output is the face embedding")
     parser.add_argument(
         "--data_path",
-        required=True,
         help="tfds data directory holding ms1m_arcface/verification, or an insightface folder "
         "with <target>.bin packs",
     )
@@ -119,6 +124,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="comma-separated verification targets (default: %(default)s)",
     )
     parser.add_argument("--batch_size", type=positive_int, default=64, help="embedding batch size")
+    ijb_eval.add_arguments(parser)
     parser.add_argument("--roc-plot", dest="roc_plot", metavar="FILE.png", help="write ROC curves here")
     parser.set_defaults(func=run)
     return parser
