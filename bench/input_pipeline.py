@@ -7,13 +7,13 @@ only, over the same JPEG bytes held in memory. Prints both rates and their ratio
 ratio of at least 0.9. Each side is also timed in process CPU time (images per CPU-second), which
 other jobs on a shared machine disturb far less than wall-clock rates.
 
-    python bench/input_pipeline.py [--identities 400] [--per-identity 30] [--batch-size 64]
-                                   [--rounds 5] [--shuffle-buffer N]
+    python bench/input_pipeline.py [--identities 400] [--per_identity 30] [--batch_size 64]
+                                   [--rounds 5] [--shuffle_buffer N]
     python bench/input_pipeline.py --epochs 10   # memory: RSS after each epoch, growth bounded
 
 With `--epochs N` it instead runs N passes of one `train_dataset` and prints the resident memory
 after each; it fails if the peak RSS of the second half of the epochs exceeds the peak of the
-first half by more than `--max-growth` (default 5%). The allocator's arenas fill over the first
+first half by more than `--max_growth` (default 5%). The allocator's arenas fill over the first
 few epochs and then fluctuate by a few percent; a leak keeps growing and fails the bound.
 
 The 12,000 images keep each pass long enough that starting it (the first batch waits for the
@@ -87,13 +87,13 @@ def decode_only(jpegs: list[bytes], batch_size: int) -> tf.data.Dataset:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--identities", type=int, default=400)
-    parser.add_argument("--per-identity", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--per_identity", type=int, default=30)
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--shuffle-buffer", type=int, default=None,
+    parser.add_argument("--shuffle_buffer", type=int, default=None,
                         help="records (default: a quarter of the images, at most the pipeline default)")
     parser.add_argument("--epochs", type=int, default=0, help="memory mode: passes to run (>= 4)")
-    parser.add_argument("--max-growth", type=float, default=0.05, help="memory mode: allowed RSS growth")
+    parser.add_argument("--max_growth", type=float, default=0.05, help="memory mode: allowed RSS growth")
     args = parser.parse_args()
     if args.shuffle_buffer is None:
         args.shuffle_buffer = min(data.DEFAULT_SHUFFLE_BUFFER, args.identities * args.per_identity // 4)

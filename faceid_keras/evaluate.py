@@ -125,7 +125,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=positive_int, default=64, help="embedding batch size")
     ijb_eval.add_arguments(parser)
-    parser.add_argument("--roc-plot", dest="roc_plot", metavar="FILE.png", help="write ROC curves here")
+    parser.add_argument("--roc_plot", metavar="FILE.png", help="write ROC curves here")
     parser.set_defaults(func=run)
     return parser
 

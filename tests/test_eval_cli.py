@@ -39,7 +39,7 @@ def test_eval_prints_aligned_table_and_plots_roc(saved_model, pack_folder, tmp_p
     plot = tmp_path / "roc.png"
     results = evaluate.main(
         [str(saved_model), "--data_path", str(pack_folder), "--targets", "lfw,cfp_fp",
-         "--batch_size", "7", "--roc-plot", str(plot)]
+         "--batch_size", "7", "--roc_plot", str(plot)]
     )
     assert list(results) == ["lfw", "cfp_fp"]
     lines = capsys.readouterr().out.splitlines()

@@ -42,7 +42,7 @@ def test_eval_ijb_matches_independent_steps(model_path, ijb_folder, tmp_path, ca
     plot = tmp_path / "roc.png"
     results = evaluate.main(
         [str(model_path), "--ijb", ijb_folder, "--ijb_set", "IJBC", "--ijb_mode", "N1D1F1,N0D0F0",
-         "--ijb_cache", str(tmp_path / "cache"), "--batch_size", "5", "--roc-plot", str(plot)]
+         "--ijb_cache", str(tmp_path / "cache"), "--batch_size", "5", "--roc_plot", str(plot)]
     )
     assert list(results) == ["IJBC N1D1F1", "IJBC N0D0F0"]
     protocol = read_protocol(ijb_folder, "IJBC")

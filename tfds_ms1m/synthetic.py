@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("directory", help="output folder (created if missing)")
     parser.add_argument("--identities", type=int, required=True, help="number of identities")
     parser.add_argument("--images", type=int, required=True, help="images per identity")
-    parser.add_argument("--image_size", "--image-size", type=int, default=112, help="square side in pixels")
+    parser.add_argument("--image_size", type=int, default=112, help="square side in pixels")
     parser.add_argument("--pairs", type=int, default=200, help="pairs per verification pack (multiple of 20)")
     parser.add_argument(
         "--targets", default="lfw,cfp_fp,agedb_30", help="comma-separated verification packs to write"
