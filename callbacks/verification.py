@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
-from faceid_keras import verification
+from faceid_keras import embedding, packs
 
 LOGGED_METRICS = ("accuracy", "accuracy_std", "val", "val_std", "far", "auc", "best_accuracy", "threshold")
 MONITORABLE = ("accuracy", "best_accuracy", "val", "auc")  # higher is better
@@ -44,7 +44,7 @@ class VerificationCallback(keras.callbacks.Callback):
     def __init__(
         self,
         targets: Mapping[str, tuple[np.ndarray, np.ndarray]] | str | os.PathLike,
-        names: Sequence[str] = verification.DEFAULT_TARGETS,
+        names: Sequence[str] = packs.DEFAULT_TARGETS,
         every_n_epochs: int = 1,
         batch_size: int = 64,
         save_best: str | os.PathLike | None = None,
@@ -59,7 +59,7 @@ class VerificationCallback(keras.callbacks.Callback):
         if save_best is not None and not os.fspath(save_best).endswith(".keras"):
             raise ValueError(f"save_best must be a path ending in .keras, got {save_best!r}.")
         if isinstance(targets, (str, os.PathLike)):
-            targets = verification.load_targets(targets, names)
+            targets = packs.load_targets(targets, names)
         if not targets:
             raise ValueError("VerificationCallback needs at least one target.")
         self.targets = {}
@@ -91,7 +91,7 @@ class VerificationCallback(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         accuracies = []
         for name, (images, issame) in self.targets.items():
-            result = verification.verify(self.model, images, issame, self.batch_size)
+            result = embedding.verify(self.model, images, issame, self.batch_size)
             self.results[name] = result
             for metric in LOGGED_METRICS:
                 logs[f"{name}_{metric}"] = result[metric]

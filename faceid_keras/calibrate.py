@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from faceid_keras import verification
+from faceid_keras import embedding, packs, verification
 from faceid_keras.argtypes import positive_int
 
 THRESHOLD_SUFFIX = ".threshold.json"
@@ -78,7 +78,7 @@ def calibrate(model, targets: dict[str, tuple[np.ndarray, np.ndarray]], far: flo
     """`verification.threshold_at_far` over the pairs of all targets together (protocol embeddings)."""
     distances, labels = [], []
     for images, issame in targets.values():
-        embeddings = verification.embed(model, images, batch_size)
+        embeddings = embedding.embed(model, images, batch_size)
         distances.append(verification.pair_distances(embeddings[0::2], embeddings[1::2]))
         labels.append(np.asarray(issame, dtype=bool))
     return verification.threshold_at_far(np.concatenate(distances), np.concatenate(labels), far)
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> dict:
     """Loads the model and the sets, picks the threshold, stores and prints it."""
     import keras
 
-    names = [n for n in args.targets.split(",") if n] if args.targets else verification.available_targets(args.data_path)
-    targets = verification.load_targets(args.data_path, names)
+    names = [n for n in args.targets.split(",") if n] if args.targets else packs.available_targets(args.data_path)
+    targets = packs.load_targets(args.data_path, names)
     model = keras.models.load_model(args.model)
     decision = calibrate(model, targets, args.far, args.batch_size)
     if decision["too_small"]:

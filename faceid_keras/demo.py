@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the demo end to end and prints what each stage produced."""
     import keras
 
-    from faceid_keras import prepare, training, verification
+    from faceid_keras import embedding, packs, prepare, training
     from tfds_ms1m import synthetic
 
     started = time.perf_counter()
@@ -103,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[4/4] Reloading {result.embedding_path} with keras.models.load_model and embedding faces")
     model = keras.models.load_model(result.embedding_path)
-    images, issame = verification.load_bin(os.path.join(folder, "lfw.bin"))
+    images, issame = packs.load_bin(os.path.join(folder, "lfw.bin"))
     same = int(np.flatnonzero(issame)[0])
     different = int(np.flatnonzero(~issame)[0])
     faces = np.concatenate([images[2 * same : 2 * same + 2], images[2 * different : 2 * different + 2]])
-    embeddings = verification.embed(model, faces)
+    embeddings = embedding.embed(model, faces)
     print(f"Embedding shape: {embeddings.shape}")
     print(f"Cosine similarity, same identity: {_cosine(embeddings[0], embeddings[1]):.3f}")
     print(f"Cosine similarity, different identities: {_cosine(embeddings[2], embeddings[3]):.3f}")

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 # Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
 # keras.models.load_model needs no custom_objects.
-from faceid_keras import ijb_eval, model_file, verification
+from faceid_keras import embedding, ijb_eval, model_file, packs
 from faceid_keras.argtypes import positive_int
 
 
@@ -93,11 +93,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     if args.data_path is None and args.ijb is None:
         raise ValueError("faceid eval needs --data_path (verification packs) or --ijb (an IJB folder)")
     names = [name for name in args.targets.split(",") if name]
-    targets = verification.load_targets(args.data_path, names) if args.data_path is not None else {}
+    targets = packs.load_targets(args.data_path, names) if args.data_path is not None else {}
     model = model_file.load_model(args.model)
     results = {}
     for name, (images, issame) in targets.items():
-        results[name] = verification.verify(model, images, issame, args.batch_size)
+        results[name] = embedding.verify(model, images, issame, args.batch_size)
     if targets:
         print(format_table(results))
         print()
@@ -120,7 +120,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--targets",
-        default=",".join(verification.DEFAULT_TARGETS),
+        default=",".join(packs.DEFAULT_TARGETS),
         help="comma-separated verification targets (default: %(default)s)",
     )
     parser.add_argument("--batch_size", type=positive_int, default=64, help="embedding batch size")

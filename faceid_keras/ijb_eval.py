@@ -11,8 +11,6 @@ import itertools
 import os
 import re
 
-import numpy as np
-
 from faceid_keras import ijb, ijb_embedding, ijb_identification, ijb_protocol
 
 DEFAULT_MODE = "N1D1F1"

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from callbacks import StopOnNaN, ThroughputLogger, VerificationCallback, for_placement
-from faceid_keras import data, finetune, prepare, schedules, verification
+from faceid_keras import data, finetune, packs, prepare, schedules
 from faceid_keras.backup import TrainingBackup
 from faceid_keras.model import ArcFaceModel
 from faceid_keras.placement import Placement, StrategyPlacement
@@ -92,7 +92,7 @@ class TrainConfig:
     model_dir: str = os.path.join("runs", "faceid")
     device: str = "auto"
     precision: str | None = None
-    targets: tuple[str, ...] = verification.DEFAULT_TARGETS
+    targets: tuple[str, ...] = packs.DEFAULT_TARGETS
     backup_steps: int = 1000
     seed: int = 0
     jit_compile: str = "auto"
@@ -116,10 +116,10 @@ def load_verification_targets(
     for source in sources:
         if not missing or not os.path.isdir(source):
             continue
-        found = set(verification.available_targets(source))
+        found = set(packs.available_targets(source))
         present = [name for name in missing if name in found]
         if present:
-            targets.update(verification.load_targets(source, present, image_size))
+            targets.update(packs.load_targets(source, present, image_size))
             missing = [name for name in missing if name not in found]
     for name in missing:
         print(f"Warning: verification target {name!r} not found in {' or '.join(sources)}; skipping it.")

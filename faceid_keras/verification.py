@@ -1,4 +1,7 @@
-"""Face verification on lfw / cfp_fp / agedb_30 pairs, following insightface's protocol exactly.
+"""Face verification on lfw / cfp_fp / agedb_30 pairs: insightface's protocol, exactly, in NumPy.
+
+Embedding images with a model (flip test-time augmentation) is `faceid_keras.embedding`; reading
+the packs is `faceid_keras.packs` (`load_bin` is also reachable here, its documented place).
 
 Protocol (see DESIGN.md, "Verification protocol"):
 
@@ -26,17 +29,16 @@ FAR value <= the target; a zero-length final segment yields threshold 0.
 """
 from __future__ import annotations
 
-import io
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
+from faceid_keras.packs import load_bin  # noqa: F401  (its documented public name)
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 FAR_TARGET = 1e-3
 DECISION_FARS = (1e-2, 1e-3, 1e-4)
-DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30")
 
 
 def fold_slices(num_pairs: int, nrof_folds: int = 10) -> list[slice]:
@@ -226,247 +228,3 @@ def evaluate(
 ) -> dict:
     """Runs the verification protocol on the embeddings of the two sides of every pair."""
     return evaluate_distances(pair_distances(embeddings1, embeddings2), issame, nrof_folds)
-
-
-def _model_image_size(model) -> tuple[int, int] | None:
-    """(height, width) the model takes, or None when its input size is not fixed or not known.
-
-    Functional and Sequential models expose ``input_shape``; subclassed models such as
-    ArcFaceModel keep ``input_shape`` (without the batch axis) in their config.
-    """
-    try:
-        shape = model.input_shape
-    except (AttributeError, ValueError):
-        try:
-            shape = model.get_config().get("input_shape")
-        except NotImplementedError:
-            shape = None
-        shape = None if shape is None else (None, *shape)
-    if isinstance(shape, list):
-        shape = shape[0]
-    if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None:
-        return None
-    return int(shape[1]), int(shape[2])
-
-
-def embed(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """L2-normalised f(x) + f(flip(x)) for uint8 images [N, H, W, 3], as float64 [N, dim].
-
-    The model gets float32 pixels in [0, 255] and normalises them itself, as `ArcFaceModel` and
-    its `embedding_model()` do. Images whose size differs from the model's fixed input size are
-    resized (bilinear) to it.
-    """
-    import tensorflow as tf
-
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(
-            f"Expected uint8 images [N, H, W, 3], got dtype {images.dtype} shape {images.shape}."
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    size = _model_image_size(model)
-
-    def prepare(batch):
-        batch = tf.cast(batch, tf.float32)
-        if size is not None and tuple(images.shape[1:3]) != size:
-            batch = tf.image.resize(batch, size)
-        # One forward pass per batch: the images, then their mirror images.
-        return tf.concat([batch, tf.reverse(batch, axis=[2])], axis=0)
-
-    dataset = (
-        tf.data.Dataset.from_tensor_slices(images)
-        .batch(batch_size)
-        .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    outputs = np.asarray(model.predict(dataset, verbose=0), dtype=np.float64)
-    if outputs.ndim != 2 or len(outputs) != 2 * len(images):
-        raise ValueError(
-            f"Expected the model to return one embedding per image, got output shape {outputs.shape} "
-            f"for {2 * len(images)} images."
-        )
-    starts = np.arange(0, len(images), batch_size)
-    pieces = []
-    for start in starts:
-        count = min(batch_size, len(images) - start)
-        chunk = outputs[2 * start : 2 * start + 2 * count]
-        pieces.append(chunk[:count] + chunk[count:])
-    summed = np.concatenate(pieces) if pieces else np.zeros((0, outputs.shape[-1]))
-    norms = np.linalg.norm(summed, axis=1, keepdims=True)
-    return summed / np.maximum(norms, 1e-12)
-
-
-def verify(model, images: np.ndarray, issame: np.ndarray, batch_size: int = 64) -> dict:
-    """Embeds the 2N images of N pairs (pair i = images 2i, 2i+1) and runs the protocol."""
-    issame = np.asarray(issame, dtype=bool)
-    if len(images) != 2 * len(issame):
-        raise ValueError(f"Expected {2 * len(issame)} images for {len(issame)} pairs, got {len(images)}.")
-    embeddings = embed(model, images, batch_size)
-    return evaluate(embeddings[0::2], embeddings[1::2], issame)
-
-
-# Decoded-pixel bounds for verification packs: one image (a face crop is ~112x112; PIL's own
-# bomb limit is ~89M pixels) and all images of a pack together, as uint8 RGB.
-MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_PACK_BYTES = 4 << 30
-
-
-def _decode(data: bytes, source: str, index: int):
-    """Decodes one encoded image to an RGB PIL image, naming the file and index on failure.
-
-    The image size is read from its header and checked against MAX_IMAGE_PIXELS before decoding.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    from tfds_ms1m.binpack import BinPackError
-
-    where = f"{source}: image {index} (pair {index // 2})"
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise BinPackError(
-                    f"{where}: {image.width}x{image.height} pixels, more than {MAX_IMAGE_PIXELS} "
-                    "(not a face crop)"
-                )
-            return image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        if isinstance(err, BinPackError):
-            raise
-        raise BinPackError(f"{where} cannot be decoded: {err}") from err
-
-
-def _stack(
-    encoded: Sequence[bytes],
-    source: str,
-    image_size: tuple[int, int] | None,
-    max_bytes: int = MAX_PACK_BYTES,
-) -> np.ndarray:
-    """Decodes encoded images one at a time into uint8 [N, H, W, 3], resizing (bilinear) to
-    image_size or the first image's size; an image referenced several times is decoded once."""
-    from PIL import Image
-
-    from tfds_ms1m.binpack import BinPackError
-
-    if not len(encoded):
-        raise BinPackError(f"{source}: no images.")
-    first = _decode(encoded[0], source, 0)
-    height, width = image_size if image_size is not None else (first.height, first.width)
-    nbytes = len(encoded) * height * width * 3
-    if nbytes > max_bytes:
-        raise BinPackError(
-            f"{source}: {len(encoded)} images of {height}x{width} need {nbytes} bytes decoded, "
-            f"more than the limit of {max_bytes}"
-        )
-    out = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
-    decoded_at: dict[int, int] = {}
-    for i, data in enumerate(encoded):
-        if id(data) in decoded_at:
-            out[i] = out[decoded_at[id(data)]]
-            continue
-        image = first if i == 0 else _decode(data, source, i)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.BILINEAR)
-        out[i] = np.asarray(image)
-        decoded_at[id(data)] = i
-    return out
-
-
-def load_bin(
-    path: str | os.PathLike,
-    image_size: tuple[int, int] | None = None,
-    max_bytes: int = MAX_PACK_BYTES,
-):
-    """Reads an insightface ``.bin`` pack into (uint8 images [2N, H, W, 3], bool issame [N]).
-
-    Images are resized (bilinear) to ``image_size`` (height, width) when given, else to the size
-    of the first image when sizes differ; pair i is images 2i and 2i+1. A pack whose decoded images
-    would take more than ``max_bytes`` raises ``BinPackError`` before any is decoded.
-    """
-    from tfds_ms1m.binpack import read_bin
-
-    encoded, issame = read_bin(path)
-    return _stack(encoded, os.fspath(path), image_size, max_bytes), np.asarray(issame, dtype=bool)
-
-
-def _tfds_verification_dir(data_path: str | os.PathLike) -> str | None:
-    """The newest prepared ms1m_arcface/verification version folder under a tfds data dir."""
-    import tensorflow as tf
-
-    root = os.path.join(os.fspath(data_path), "ms1m_arcface", "verification")
-    if not tf.io.gfile.isdir(root):
-        return None
-    versions = []
-    for name in tf.io.gfile.listdir(root):
-        name = name.rstrip("/")
-        parts = name.split(".")
-        if all(p.isdigit() for p in parts) and tf.io.gfile.exists(
-            os.path.join(root, name, "dataset_info.json")
-        ):
-            versions.append((tuple(int(p) for p in parts), name))
-    return os.path.join(root, max(versions)[1]) if versions else None
-
-
-def load_tfds_split(builder_dir: str, name: str, image_size: tuple[int, int] | None = None):
-    """Reads one split of the prepared ms1m_arcface/verification config as load_bin does."""
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder_from_directory(builder_dir)
-    if name not in builder.info.splits:
-        raise FileNotFoundError(
-            f"{builder_dir}: no verification split {name!r}; found {sorted(builder.info.splits)}."
-        )
-    dataset = builder.as_dataset(split=name, shuffle_files=False, decoders={
-        "image1": tfds.decode.SkipDecoding(), "image2": tfds.decode.SkipDecoding()})
-    source = f"{builder_dir} split {name}"
-    images, issame = [], []
-    for example in dataset.as_numpy_iterator():
-        images += [example["image1"], example["image2"]]
-        issame.append(bool(example["is_same"]))
-    return _stack(images, source, image_size), np.asarray(issame, dtype=bool)
-
-
-def available_targets(data_path: str | os.PathLike) -> list[str]:
-    """Names of the verification packs under a tfds data dir or an insightface folder."""
-    import tensorflow as tf
-
-    builder_dir = _tfds_verification_dir(data_path)
-    if builder_dir is not None:
-        import tensorflow_datasets as tfds
-
-        return sorted(tfds.builder_from_directory(builder_dir).info.splits)
-    if not tf.io.gfile.isdir(os.fspath(data_path)):
-        raise FileNotFoundError(f"{data_path}: no such directory.")
-    return sorted(n[: -len(".bin")] for n in tf.io.gfile.listdir(os.fspath(data_path)) if n.endswith(".bin"))
-
-
-def load_targets(
-    data_path: str | os.PathLike,
-    names: Iterable[str] = DEFAULT_TARGETS,
-    image_size: tuple[int, int] | None = None,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Loads verification targets by name from a tfds data dir (ms1m_arcface/verification) or from
-    an insightface folder of ``<name>.bin`` packs: {name: (uint8 images, bool issame)}."""
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n]
-    names = list(names)
-    if not names:
-        raise ValueError("No verification targets named.")
-    builder_dir = _tfds_verification_dir(data_path)
-    found = available_targets(data_path)
-    targets = {}
-    for name in names:
-        if name not in found:
-            if builder_dir is not None:
-                where = f"{builder_dir}: no split {name!r}"
-            else:
-                where = f"{os.path.join(os.fspath(data_path), name + '.bin')} does not exist"
-            listing = ", ".join(found) or (
-                "none (neither ms1m_arcface/verification tfds data nor .bin packs there)"
-            )
-            raise FileNotFoundError(f"{where}; targets found: {listing}.")
-        if builder_dir is not None:
-            targets[name] = load_tfds_split(builder_dir, name, image_size)
-        else:
-            targets[name] = load_bin(os.path.join(os.fspath(data_path), name + ".bin"), image_size)
-    return targets

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from faceid_keras import calibrate, verification
+from faceid_keras import calibrate, embedding
 
 SEARCH_CHUNK = 65_536
 
@@ -98,7 +98,7 @@ class FaceVerifier:
         self.model = model
         self.threshold = threshold
         self.batch_size = batch_size
-        self.image_size = verification._model_image_size(model)
+        self.image_size = embedding.model_image_size(model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, threshold: float | None = None, batch_size: int = 64) -> "FaceVerifier":
@@ -119,7 +119,7 @@ class FaceVerifier:
         if not len(images):
             return np.zeros((0, 0), dtype=np.float32)
         faces = np.stack([load_face(image, self.image_size, points) for image, points in zip(images, landmarks)])
-        return verification.embed(self.model, faces, self.batch_size).astype(np.float32)
+        return embedding.embed(self.model, faces, self.batch_size).astype(np.float32)
 
     @staticmethod
     def compare(embedding1: np.ndarray, embedding2: np.ndarray) -> float:

@@ -64,9 +64,9 @@ def read(reader: str, path: str, **kwargs):
         assert len(images) == 2 * len(issame)
         return images, issame
     if reader == "load_bin":
-        from faceid_keras import verification
+        from faceid_keras import packs
 
-        images, issame = verification.load_bin(path, **kwargs)
+        images, issame = packs.load_bin(path, **kwargs)
         assert images.dtype == "uint8" and images.ndim == 4 and len(images) == 2 * len(issame)
         return images, issame
     if reader == "iter_images":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid_keras import verification
+from faceid_keras import embedding, packs, verification
 from tfds_ms1m.binpack import write_bin
 
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -204,7 +204,7 @@ def _tiny_model(size=16):
 def test_embed_feeds_pixels_and_their_mirror_images_and_normalises():
     model = _tiny_model()
     images = np.random.default_rng(5).integers(0, 256, (11, 16, 16, 3), dtype=np.uint8)
-    embeddings = verification.embed(model, images, batch_size=4)
+    embeddings = embedding.embed(model, images, batch_size=4)
 
     def forward(x):
         return model.predict(x.astype("float32"), verbose=0).astype(np.float64)
@@ -213,11 +213,11 @@ def test_embed_feeds_pixels_and_their_mirror_images_and_normalises():
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(embeddings, expected, atol=1e-5)
     # A mirrored image has the same embedding.
-    np.testing.assert_allclose(verification.embed(model, images[:, :, ::-1]), embeddings, atol=1e-5)
+    np.testing.assert_allclose(embedding.embed(model, images[:, :, ::-1]), embeddings, atol=1e-5)
     # Images of another size are resized to the model input.
-    assert verification.embed(model, np.zeros((3, 24, 20, 3), np.uint8)).shape == (3, 8)
+    assert embedding.embed(model, np.zeros((3, 24, 20, 3), np.uint8)).shape == (3, 8)
     with pytest.raises(ValueError, match="uint8"):
-        verification.embed(model, images.astype(np.float32))
+        embedding.embed(model, images.astype(np.float32))
 
 
 def _encode(image, fmt="PNG"):
@@ -238,11 +238,11 @@ def pack_folder(tmp_path):
 
 def test_load_bin_roundtrip_and_resize(pack_folder):
     folder, images, issame = pack_folder
-    loaded, flags = verification.load_bin(folder / "lfw.bin")
+    loaded, flags = packs.load_bin(folder / "lfw.bin")
     assert loaded.dtype == np.uint8 and flags.dtype == bool
     np.testing.assert_array_equal(loaded, images)
     np.testing.assert_array_equal(flags, issame)
-    resized, _ = verification.load_bin(folder / "lfw.bin", image_size=(24, 20))
+    resized, _ = packs.load_bin(folder / "lfw.bin", image_size=(24, 20))
     assert resized.shape == (20, 24, 20, 3)
 
 
@@ -250,36 +250,36 @@ def test_load_bin_names_undecodable_image(tmp_path):
     good = _encode(np.zeros((8, 8, 3), np.uint8), "JPEG")
     write_bin(tmp_path / "lfw.bin", [good, good, good, b"not an image"], [True, False])
     with pytest.raises(ValueError, match=r"lfw\.bin: image 3 \(pair 1\) cannot be decoded"):
-        verification.load_bin(tmp_path / "lfw.bin")
+        packs.load_bin(tmp_path / "lfw.bin")
 
 
 def test_load_targets_from_folder(pack_folder, tmp_path_factory):
     folder, images, issame = pack_folder
-    assert verification.available_targets(folder) == ["agedb_30", "lfw"]
-    targets = verification.load_targets(folder, "lfw,agedb_30")
+    assert packs.available_targets(folder) == ["agedb_30", "lfw"]
+    targets = packs.load_targets(folder, "lfw,agedb_30")
     assert list(targets) == ["lfw", "agedb_30"]
     np.testing.assert_array_equal(targets["agedb_30"][0], images)
     with pytest.raises(FileNotFoundError, match=r"cfp_fp\.bin does not exist; targets found: agedb_30, lfw"):
-        verification.load_targets(folder, ["lfw", "cfp_fp"])
+        packs.load_targets(folder, ["lfw", "cfp_fp"])
     with pytest.raises(FileNotFoundError, match="targets found: none"):
-        verification.load_targets(tmp_path_factory.mktemp("empty"), ["lfw"])
+        packs.load_targets(tmp_path_factory.mktemp("empty"), ["lfw"])
 
 
 def test_verify_runs_embedding_and_protocol(pack_folder):
     folder, images, issame = pack_folder
-    result = verification.verify(_tiny_model(), images, issame, batch_size=8)
+    result = embedding.verify(_tiny_model(), images, issame, batch_size=8)
     assert result["pairs"] == 10 and 0.0 <= result["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="Expected 20 images for 10 pairs"):
-        verification.verify(_tiny_model(), images[:18], issame)
+        embedding.verify(_tiny_model(), images[:18], issame)
 
 
 def test_load_targets_from_tfds_matches_bin_packs(tfds_data_dir, synthetic_folder):
     names = ["lfw", "cfp_fp", "agedb_30"]
-    assert verification.available_targets(tfds_data_dir) == sorted(names)
-    from_tfds = verification.load_targets(tfds_data_dir, names)
+    assert packs.available_targets(tfds_data_dir) == sorted(names)
+    from_tfds = packs.load_targets(tfds_data_dir, names)
     for name in names:
-        images, issame = verification.load_bin(synthetic_folder / f"{name}.bin")
+        images, issame = packs.load_bin(synthetic_folder / f"{name}.bin")
         np.testing.assert_array_equal(from_tfds[name][0], images)  # same pair order and pixels
         np.testing.assert_array_equal(from_tfds[name][1], issame)
     with pytest.raises(FileNotFoundError, match="no split 'calfw'; targets found: agedb_30, cfp_fp, lfw"):
-        verification.load_targets(tfds_data_dir, ["calfw"])
+        packs.load_targets(tfds_data_dir, ["calfw"])
