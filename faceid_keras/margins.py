@@ -2,7 +2,8 @@
 
 Each margin is a small immutable object built once from the head's arguments; `logits(cosine,
 labels)` turns clipped cosines (batch x classes) into scaled logits with the margin on each
-example's target column. Labels outside [0, classes) (e.g. -1) get no margin.
+example's target column. Labels outside [0, classes) (e.g. -1) get no margin. A margin with
+`uses_norms` (AdaFace) also takes the embeddings' clipped norms and the head's running statistics.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
     "arcface": (1.0, 0.5, 0.0),
     "cosface": (1.0, 0.0, 0.35),
 }
+# Margins that are not a combined-margin triple, and AdaFace's published MS1MV2 values.
+NAMED_MARGINS = ("arcface_torch", "adaface")
+ADAFACE = {"m": 0.4, "h": 0.333, "t_alpha": 0.01}
 
 
 def resolve_margin(margin: str | tuple | list) -> tuple[float, float, float]:
@@ -22,7 +26,7 @@ def resolve_margin(margin: str | tuple | list) -> tuple[float, float, float]:
         if margin not in MARGIN_PRESETS:
             raise ValueError(
                 f"Unknown margin preset {margin!r}; valid presets are {sorted(MARGIN_PRESETS)} "
-                "or a tuple (m1, m2, m3)."
+                f"or a tuple (m1, m2, m3), or one of {list(NAMED_MARGINS)}."
             )
         return MARGIN_PRESETS[margin]
     if not isinstance(margin, (tuple, list)) or len(margin) != 3:
@@ -61,6 +65,8 @@ class CombinedMargin:
     flows through the margin.
     """
 
+    uses_norms = False
+
     def __init__(self, m1: float, m2: float, m3: float, scale: float, epsilon: float):
         self.m1, self.m2, self.m3 = m1, m2, m3
         self.scale = scale
@@ -92,6 +98,65 @@ class CombinedMargin:
         return logits * self.scale
 
 
-def build(margin: str | tuple | list, scale: float, epsilon: float) -> CombinedMargin:
-    """The margin object a head's `margin` argument names (a preset or an (m1, m2, m3) triple)."""
+
+class ArcFaceTorchMargin(CombinedMargin):
+    """ArcFace as insightface's arcface_torch computes it since its Dec 2022 change: the target logit
+    is s * cos(theta + m2) for every angle (no fallback past theta + m2 > pi), applied without
+    gradient, so d logit / d cos(theta) = s on the target as on every other class.
+
+    Use it to reproduce models trained with arcface_torch's current code; the default "arcface"
+    (`CombinedMargin`) is the formula of the ArcFace paper (Deng et al., CVPR 2019) and of
+    insightface before that change, with the true gradient through the margin.
+    """
+
+    def __init__(self, m2: float, scale: float, epsilon: float):
+        super().__init__(1.0, m2, 0.0, scale, epsilon)
+
+    def target_logit(self, cosine):
+        """cos(arccos(c) + m2), with the gradient of c itself."""
+        return cosine + tf.stop_gradient(tf.cos(tf.acos(cosine) + self.m2) - cosine)
+
+
+class AdaFaceMargin:
+    """AdaFace (Kim et al., CVPR 2022) as its official head.py computes it, with the values of its
+    published MS1MV2 runs by default (m 0.4, h 0.333, s 64; the head updates the norm statistics
+    with t_alpha 0.01).
+
+    From the clipped, gradient-free embedding norms and the running batch mean/std the head keeps:
+    scaler = clip(h * (norm - mean) / (std + 1e-3), -1, 1); cosines clipped to +-(1 - 1e-3); the
+    target's angle moves by -m * scaler (kept in [1e-3, pi - 1e-3]), then m + m * scaler is
+    subtracted from its cosine; logits times s. The gradient flows through the angle.
+    """
+
+    epsilon = 1e-3
+    uses_norms = True
+
+    def __init__(self, m: float, h: float, scale: float, t_alpha: float):
+        self.m, self.h, self.scale, self.t_alpha = m, h, scale, t_alpha
+
+    def scaler(self, norms, mean, std):
+        """The per-example margin scaler in [-1, 1], (batch, 1), without gradient."""
+        scaler = self.h * (tf.stop_gradient(norms) - mean) / (std + self.epsilon)
+        return tf.clip_by_value(scaler, -1.0, 1.0)[:, None]
+
+    def logits(self, cosine, labels, norms=None, mean=None, std=None):
+        """Scaled logits from cosines (batch x classes) and the batch's clipped norms (batch,)."""
+        if norms is None:
+            raise ValueError("margin='adaface' needs the embeddings' norms: call the head on raw embeddings.")
+        cosine = tf.clip_by_value(cosine, -1.0 + self.epsilon, 1.0 - self.epsilon)
+        one_hot = target_mask(cosine, labels)
+        scaler = self.scaler(norms, mean, std)
+        theta = tf.acos(tf.reduce_sum(cosine * one_hot, axis=-1, keepdims=True))
+        theta = tf.clip_by_value(theta - self.m * scaler, self.epsilon, math.pi - self.epsilon)
+        target = tf.cos(theta) - (self.m + self.m * scaler)
+        return tf.where(one_hot > 0, target, cosine) * self.scale
+
+
+def build(margin: str | tuple | list, scale: float, epsilon: float):
+    """The margin object a head's `margin` argument names: "adaface", "arcface_torch", another
+    preset or an (m1, m2, m3) triple."""
+    if margin == "adaface":
+        return AdaFaceMargin(ADAFACE["m"], ADAFACE["h"], scale, ADAFACE["t_alpha"])
+    if margin == "arcface_torch":
+        return ArcFaceTorchMargin(MARGIN_PRESETS["arcface"][1], scale, epsilon)
     return CombinedMargin(*resolve_margin(margin), scale=scale, epsilon=epsilon)

@@ -51,6 +51,11 @@ class ArcFaceModel(keras.Model):
     compiled optimizer's learning rate and momentum, which must be keras.optimizers.SGD. Backbone
     and centre gradients are exactly those of the unsharded model; with sampling each shard
     samples within itself. Saved files hold the whole centres and load on any replica count.
+
+    `margin` also takes "adaface" and "arcface_torch"; `subcenters` and
+    `interclass_filtering_threshold` go to the head (see `MarginHead`). The head receives the
+    backbone's raw embeddings, so AdaFace sees their norms; its statistics are model weights
+    (saved, restored by backups) updated by training steps only.
     """
 
     def __init__(
@@ -66,6 +71,8 @@ class ArcFaceModel(keras.Model):
         weight_decay: float = 5e-4,
         sample_rate: float = 1.0,
         shard_centres: bool = False,
+        subcenters: int = 1,
+        interclass_filtering_threshold: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -94,10 +101,13 @@ class ArcFaceModel(keras.Model):
         self.weight_decay = float(weight_decay)
         self.head = MarginHead(
             num_classes, margin=margin, scale=scale, sample_rate=sample_rate, shard_centres=shard_centres,
+            subcenters=subcenters, interclass_filtering_threshold=interclass_filtering_threshold,
             name="margin_head",
         )
         self.sample_rate = self.head.sample_rate
         self.shard_centres = self.head.shard_centres
+        self.subcenters = self.head.subcenters
+        self.interclass_filtering_threshold = self.head.interclass_filtering_threshold
         self.pixel_scaling = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")
         self.normalize = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")
         self.head.build((None, self.embedding_size))
@@ -237,6 +247,8 @@ class ArcFaceModel(keras.Model):
             weight_decay=self.weight_decay,
             sample_rate=self.sample_rate,
             shard_centres=self.shard_centres,
+            subcenters=self.subcenters,
+            interclass_filtering_threshold=self.interclass_filtering_threshold,
         )
         return config
 
