@@ -1,4 +1,4 @@
-"""The `faceid` command line: `faceid demo`, `faceid train` and `faceid eval`.
+"""The `faceid` command line: `faceid demo`, `faceid train`, `faceid eval` and `faceid clean`.
 
 TensorFlow's environment defaults (oneDNN on, quiet logs) are set by `faceid_keras/__init__.py`,
 which Python runs before this module.
@@ -17,14 +17,14 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the `faceid` parser with one subcommand per module."""
-    from faceid_keras import demo, evaluate, train
+    from faceid_keras import clean, demo, evaluate, train
 
     parser = argparse.ArgumentParser(
         prog="faceid",
         description="Train ArcFace face recognizers with Keras and verify faces with them.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, train, evaluate):
+    for module in (demo, train, evaluate, clean):
         module.add_parser(subparsers)
     return parser
 

@@ -75,7 +75,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _margin(text: str) -> str | tuple[float, float, float]:
-    if text in ("arcface", "cosface"):
+    if text in ("arcface", "cosface", "arcface_torch", "adaface"):
         return text
     parts = text.split(",")
     try:
@@ -83,8 +83,17 @@ def _margin(text: str) -> str | tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"must be arcface, cosface or m1,m2,m3, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be arcface, cosface, arcface_torch, adaface or m1,m2,m3, got {text!r}"
+        )
     return values
+
+
+def _fraction_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def _epoch_list(text: str) -> tuple[float, ...]:
@@ -121,7 +130,13 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--norm", choices=list(backbones.NORMS), default="batch", help="backbone normalisation")
     model.add_argument("--dropout", type=_non_negative_float, default=0.0, help="dropout before the embedding")
     model.add_argument("--margin", type=_margin, default="arcface",
-                       help="arcface, cosface, or m1,m2,m3 of cos(m1*theta+m2)-m3 (default: arcface)")
+                       help="arcface, cosface, arcface_torch (insightface's since Dec 2022), adaface, "
+                       "or m1,m2,m3 of cos(m1*theta+m2)-m3 (default: arcface)")
+    model.add_argument("--subcenters", type=positive_int, default=1,
+                       help="sub-center ArcFace: centres per class, a class's cosine is their max (default: 1)")
+    model.add_argument("--interclass_filtering", type=_fraction_or_zero, default=0.0,
+                       help="Partial FC's inter-class filtering: non-target cosines above T count as 0 "
+                       "(default: 0, off)")
     model.add_argument("--scale", type=float, default=64.0, help="logit scale s (default: 64)")
     model.add_argument("--sample_rate", type=_fraction, default=1.0,
                        help="Partial FC: fraction of class centres sampled each step (default: 1, all)")
@@ -439,6 +454,8 @@ def train(args: argparse.Namespace) -> TrainResult:
             weight_decay=args.weight_decay,
             sample_rate=args.sample_rate,
             shard_centres=args.shard_centres,
+            subcenters=args.subcenters,
+            interclass_filtering_threshold=args.interclass_filtering,
         )
         schedule = learning_rate_schedule(args, steps_per_epoch)
         optimizer = placement.wrap_optimizer(keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum))

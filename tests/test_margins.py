@@ -261,3 +261,15 @@ def test_adaface_statistics_come_from_the_global_batch(tmp_path):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "statistics agree" in result.stdout, result.stderr[-4000:]
+
+
+def test_train_flags_reach_the_model_arguments():
+    from faceid_keras import train
+
+    args = train.build_parser().parse_args(["--data_path", "/d", "--margin", "adaface", "--subcenters", "3",
+                                            "--interclass_filtering", "0.2"])
+    assert (args.margin, args.subcenters, args.interclass_filtering) == ("adaface", 3, 0.2)
+    assert train.build_parser().parse_args(["--data_path", "/d", "--margin", "arcface_torch"]).margin == "arcface_torch"
+    for bad in (["--subcenters", "0"], ["--interclass_filtering", "1.0"], ["--margin", "sphereface"]):
+        with pytest.raises(SystemExit):
+            train.build_parser().parse_args(["--data_path", "/d", *bad])
