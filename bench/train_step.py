@@ -12,6 +12,8 @@ time and peak host memory.
     python bench/train_step.py --backbone iresnet50 --batch_size 16 --steps 2
     python bench/train_step.py --backbone mobilefacenet --image_size 32 --steps 4    # quick
     python bench/train_step.py --compare onednn,jit,onednn+jit,onednn+steps_per_execution
+    python bench/train_step.py --backbone mobilefacenet --image_size 32 --num_classes 20000 \
+        --models arcface,arcface_torch,adaface,subcenters3,interclass_filtering    # head variants
 
 `--compare` runs the base configuration and each variant (tokens joined by "+": onednn, no_onednn,
 jit, no_jit, steps_per_execution, mixed_float16, mixed_bfloat16, prefetch_to_device) in its own
@@ -40,7 +42,14 @@ VARIANT_TOKENS = (
     "prefetch_to_device",
 )
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-MODELS = ("arcface", "softmax")
+# ArcFaceModel head variants timed against plain "arcface" (their head overhead): ArcFaceModel keywords.
+HEAD_VARIANTS: dict[str, dict] = {
+    "arcface_torch": {"margin": "arcface_torch"},
+    "adaface": {"margin": "adaface"},
+    "subcenters3": {"subcenters": 3},
+    "interclass_filtering": {"interclass_filtering_threshold": 0.3},
+}
+MODELS = ("arcface", "softmax", *HEAD_VARIANTS)
 
 
 def parse_bool(text: str) -> bool:
@@ -78,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="prefetch batches onto the first GPU (no effect without one)",
     )
-    parser.add_argument("--models", default="arcface,softmax", help="comma list of arcface, softmax")
+    parser.add_argument("--models", default="arcface,softmax",
+                        help=f"comma list of {', '.join(MODELS)} (the last ones: head variants vs arcface)")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument(
         "--compare",
@@ -268,15 +278,17 @@ def build_models(args: argparse.Namespace, keras) -> dict:
     shape = (args.image_size, args.image_size, 3)
     models = {}
     wanted = [m for m in args.models.split(",") if m]
-    if "arcface" in wanted:
-        arcface = ArcFaceModel(args.backbone, num_classes=args.num_classes, embedding_size=args.embedding_size,
-                               input_shape=shape)
-        arcface.compile(
+    for name in ("arcface", *HEAD_VARIANTS):
+        if name not in wanted:
+            continue
+        model = ArcFaceModel(args.backbone, num_classes=args.num_classes, embedding_size=args.embedding_size,
+                             input_shape=shape, **HEAD_VARIANTS.get(name, {}))
+        model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
             jit_compile=args.jit_compile,
             steps_per_execution=args.steps_per_execution,
         )
-        models["arcface"] = arcface
+        models[name] = model
     if "softmax" in wanted:
         backbone = backbones.build(args.backbone, shape, args.embedding_size)
         images = keras.Input(shape, name="images")
@@ -350,9 +362,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     for name, model in models.items():
         step = statistics.median(seconds[name]) / window
-        backbone = model.backbone if name == "arcface" else model.layers[2]
+        backbone = model.layers[2] if name == "softmax" else model.backbone
         backbone_flops, kinds = forward_flops(backbone)
-        head_flops = 2 * args.embedding_size * args.num_classes
+        head_flops = 2 * args.embedding_size * args.num_classes * HEAD_VARIANTS.get(name, {}).get("subcenters", 1)
         train_flops = 3 * (backbone_flops + head_flops)
         rate = args.batch_size / step
         results["models"][name] = {
@@ -371,6 +383,10 @@ def run(args: argparse.Namespace) -> dict:
         results["arcface_overhead"] = (
             results["models"]["softmax"]["images_per_s"] / results["models"]["arcface"]["images_per_s"] - 1
         )
+    if "arcface" in results["models"]:
+        arcface_rate = results["models"]["arcface"]["images_per_s"]
+        results["head_overhead"] = {name: arcface_rate / results["models"][name]["images_per_s"] - 1
+                                    for name in HEAD_VARIANTS if name in results["models"]}
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
@@ -396,6 +412,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
               f"{r['first_step_overhead_s']:>11.1f}  {windows}")
     if "arcface_overhead" in results:
         print(f"arcface overhead over softmax: {100 * results['arcface_overhead']:+.1f}% (target <= +5%)")
+    for name, overhead in results.get("head_overhead", {}).items():
+        print(f"{name} step overhead over arcface (arcface img/s / {name} img/s - 1): {100 * overhead:+.1f}%")
     print(f"peak host memory (ru_maxrss): {results['peak_rss_mib']:.0f} MiB")
 
 

@@ -21,6 +21,9 @@ KERAS_3: bool = int(keras.__version__.split(".")[0]) >= 3
 # `add_weight` keyword that keeps a variable float32 when read under a mixed precision policy.
 NO_AUTOCAST: dict[str, bool] = {"autocast": False} if KERAS_3 else {"experimental_autocast": False}
 
+# `add_weight` aggregation of model state every replica assigns the same value in replica context.
+ONLY_FIRST_REPLICA = "only_first_replica" if KERAS_3 else tf.VariableAggregation.ONLY_FIRST_REPLICA
+
 
 def to_numpy(value) -> np.ndarray:
     """A tensor or variable of either stack as a NumPy array (reads the variable's value)."""

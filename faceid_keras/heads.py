@@ -1,75 +1,43 @@
-"""Margin heads: normalised class centres and insightface's combined margin s*(cos(m1*theta+m2)-m3)."""
+"""The margin head: normalised class centres, margin logits, and Partial FC sampling of the centres."""
 from __future__ import annotations
 
 import math
-import random
 from typing import NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from faceid_keras import compat
-
-MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
-    "arcface": (1.0, 0.5, 0.0),
-    "cosface": (1.0, 0.0, 0.35),
-}
+from faceid_keras import compat, margins
 
 
-def resolve_margin(margin: str | tuple | list) -> tuple[float, float, float]:
-    """Turns a preset name or an (m1, m2, m3) triple into three validated floats."""
-    if isinstance(margin, str):
-        if margin not in MARGIN_PRESETS:
-            raise ValueError(
-                f"Unknown margin preset {margin!r}; valid presets are {sorted(MARGIN_PRESETS)} "
-                "or a tuple (m1, m2, m3)."
-            )
-        return MARGIN_PRESETS[margin]
-    if not isinstance(margin, (tuple, list)) or len(margin) != 3:
-        raise ValueError(
-            f"margin must be one of {sorted(MARGIN_PRESETS)} or a tuple (m1, m2, m3), got {margin!r}."
-        )
-    try:
-        m1, m2, m3 = (float(m) for m in margin)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"margin values must be numbers, got {margin!r}.") from error
-    if not all(math.isfinite(m) for m in (m1, m2, m3)):
-        raise ValueError(f"margin values must be finite, got {margin!r}.")
-    if m1 <= 0:
-        raise ValueError(f"margin m1 (angle multiplier) must be > 0, got {m1}.")
-    if not 0 <= m2 < math.pi:
-        raise ValueError(f"margin m2 (additive angle) must be in [0, pi), got {m2}.")
-    if m3 < 0:
-        raise ValueError(f"margin m3 (cosine subtraction) must be >= 0, got {m3}.")
-    return m1, m2, m3
+class NormStatistics(NamedTuple):
+    """AdaFace's inputs besides the cosines: clipped gradient-free norms and the running statistics."""
+
+    norms: tf.Tensor  # (batch,) embedding norms clipped to [0.001, 100]
+    mean: tf.Tensor  # running mean of the norms (after this step's update in training)
+    std: tf.Tensor  # running (unbiased) standard deviation of the norms
 
 
-class ShardedLoss(NamedTuple):
-    """One replica's part of the distributed cross-entropy of `MarginHead.sharded_cross_entropy`."""
+class HeadLoss(NamedTuple):
+    """What a head's training loss gives the model for one replica's batch."""
 
-    loss: tf.Tensor  # (global batch,) cross-entropy of every example of the global batch
-    local_loss: tf.Tensor  # (batch,) the entries of `loss` for this replica's own examples
-    hits: tf.Tensor  # (batch,) 1.0 where the plain-cosine argmax over all classes is the label
-    rows: tf.Tensor  # the rows of the local shard the step used (all, or the sampled ones)
+    cross_entropy: tf.Tensor  # (batch,) softmax cross-entropy of this replica's examples
+    accuracy: tuple  # the arguments of the head's `accuracy_metric().update_state`
+    decay_rows: tf.Tensor | None  # centre rows used this step, weight-decayed in place of the centres
+    global_cross_entropy: tf.Tensor | None = None  # (global batch,) when the gradient of its mean is
+    # this replica's exact part (sharded centres); None: differentiate the replica's share of the mean
 
 
 @keras.saving.register_keras_serializable(package="faceid")
 class MarginHead(keras.layers.Layer):
     """Class centres W (num_classes x dim) and scaled margin logits for ArcFace-style training.
 
-    `head(embeddings)` gives s * cos(theta); `head(embeddings, labels)` puts
-    s * (cos(m1 * theta + m2) - m3) on each example's target class. Centres, cosines and logits
-    are always float32, whatever the global dtype policy, so softmax cross-entropy stays exact.
-
-    Where m1 * theta + m2 passes pi the margin logit would rise again with theta. Beyond that
-    switch point theta_t = (pi - m2) / m1 the target logit becomes cos(theta) - m3 - c with
-    c = max(m2 * sin(m2), 1 + cos(theta_t)): insightface's ArcFace fallback
-    cos(theta) - sin(pi - m2) * m2, or the larger penalty that keeps the logit non-increasing
-    in theta for other (m1, m2). Margins with m1 * pi + m2 <= pi never switch.
-
-    Labels outside [0, num_classes) (e.g. -1) get no margin, so the margin can be applied to
-    the cosines of any subset of centres via `margin_logits`.
+    `head(embeddings)` gives s * cos(theta); `head(embeddings, labels)` puts the margin on each
+    example's target class: s * (cos(m1 * theta + m2) - m3) for a preset or triple (see
+    `margins.CombinedMargin`, which also describes the fallback past theta + m2 > pi). Centres,
+    cosines and logits are always float32, whatever the global dtype policy, so softmax
+    cross-entropy stays exact. Labels outside [0, num_classes) (e.g. -1) get no margin, so the
+    margin can be applied to the cosines of any subset of centres via `margin_logits`.
 
     Partial FC (An et al., CVPR 2022): with `sample_rate` < 1, training uses `sample(labels, step)`
     to pick max(int(sample_rate * num_classes), unique labels) centres each step (every class of
@@ -80,19 +48,41 @@ class MarginHead(keras.layers.Layer):
     has a data-dependent size, which XLA cannot compile, so a sampling head sets
     `supports_jit = False` (Keras then compiles `fit` without XLA).
 
-    Model-parallel centres (`shard_centres=True`, Keras 3, as insightface's partial_fc_v2): with
-    R replicas in sync when the head is built, replica r holds rows [r*S, (r+1)*S) of the centres,
-    S = ceil(num_classes / R) (the last shard padded with zero rows that never act as classes),
-    and their SGD momentum, so each replica stores ~num_classes * dim / R of each. Training gathers
-    the embeddings and labels of all replicas, takes the cosines of the global batch against the
-    local shard and a distributed softmax cross-entropy (`sharded_cross_entropy`), and each
-    replica updates its own shard (`apply_shard_gradient`). With `sample_rate` < 1 each shard
-    samples within itself: its positive classes plus random others, drawn from (`seed`, step,
-    replica). See `_build_shards` for the kind of variable and why. `save`/`save_weights` store
-    the whole (num_classes, dim) centres and momentum, so a file loads on any number of replicas;
-    `get_weights` sees replica 0's shard only (`gather_shards`/`assign_shards` give or set the
-    whole matrix).
+    `margin="adaface"` (see `margins.AdaFaceMargin`) makes the head keep the running mean and
+    std of the embedding norms (`batch_mean`, `batch_std`, starting at 20 and 100) as model state:
+    a training-mode call (`loss` with a step, or `head(e, labels, training=True)`) first updates
+    them from the clipped norms of the global batch (all replicas), mean <- t_alpha * batch mean
+    + (1 - t_alpha) * mean and std likewise with the unbiased batch std (a batch of one keeps
+    the std), then applies the margin with the updated values; evaluation only reads them. The
+    head must then receive raw (unnormalised) embeddings. `margin="arcface_torch"` is
+    `margins.ArcFaceTorchMargin`.
+
+    Sub-center ArcFace (Deng et al., ECCV 2020): `subcenters=K` keeps K centres per class (rows
+    c*K .. c*K+K-1 of `centres`) and a class's cosine is the largest over its sub-centres, with
+    every margin and with Partial FC (which samples whole classes). Inter-class filtering
+    (insightface's `interclass_filtering_threshold`): in margin logits (labels given), every non-target
+    cosine above the threshold is set to 0 without gradient, and every cosine above it of a row
+    whose label is not among the columns (-1). 0 turns it off.
+
+    `shard_centres=True` (Keras 3) constructs a `ShardedMarginHead` (faceid_keras.sharded_heads):
+    model-parallel centres, one shard per replica, as insightface's partial_fc_v2. It takes the
+    combined margins and arcface_torch with one centre per class and no filtering.
     """
+
+    centres_replicated = True  # every replica holds all centres (their gradient is summed over replicas)
+
+    def __new__(cls, *args, **kwargs):
+        shard_centres = kwargs.get("shard_centres", args[6] if len(args) > 6 else False)
+        if cls is MarginHead and shard_centres is True:
+            if not compat.KERAS_3:
+                raise NotImplementedError(
+                    "shard_centres=True needs Keras 3 with tf.distribute; on Keras 2 (the Ascend NPU stack, "
+                    "which has no tf.distribute strategy) keep shard_centres=False."
+                )
+            from faceid_keras.sharded_heads import ShardedMarginHead
+
+            cls = ShardedMarginHead
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(
         self,
@@ -103,6 +93,8 @@ class MarginHead(keras.layers.Layer):
         sample_rate: float = 1.0,
         seed: int = 0,
         shard_centres: bool = False,
+        subcenters: int = 1,
+        interclass_filtering_threshold: float = 0.0,
         **kwargs,
     ):
         dtype = kwargs.pop("dtype", None)
@@ -124,315 +116,97 @@ class MarginHead(keras.layers.Layer):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
         if not isinstance(shard_centres, bool):
             raise ValueError(f"shard_centres must be True or False, got {shard_centres!r}.")
-        if shard_centres and not compat.KERAS_3:
-            raise NotImplementedError(
-                "shard_centres=True needs Keras 3 with tf.distribute; on Keras 2 (the Ascend NPU stack, "
-                "which has no tf.distribute strategy) keep shard_centres=False."
+        if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
+            raise ValueError(f"subcenters must be a positive integer, got {subcenters!r}.")
+        threshold = interclass_filtering_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ValueError(f"interclass_filtering_threshold must be a number in [0, 1), got {threshold!r}.")
+        if shard_centres and (margin == "adaface" or subcenters > 1 or threshold > 0):
+            raise ValueError(
+                "shard_centres=True takes one centre per class, no inter-class filtering and a margin "
+                "without norm statistics: its distributed cross-entropy and argmax hold one column per "
+                "class on one shard, and AdaFace's norms would need their own all-gather. Train "
+                "margin='adaface', subcenters > 1 or interclass_filtering_threshold > 0 with "
+                "shard_centres=False (sample_rate < 1 keeps the head small)."
             )
         self.num_classes = num_classes
+        self.subcenters = subcenters
+        self.interclass_filtering_threshold = float(threshold)
         self.margin = margin if isinstance(margin, str) else tuple(float(m) for m in margin)
-        self.m1, self.m2, self.m3 = resolve_margin(margin)
         self.scale = float(scale)
         self.epsilon = float(epsilon)
+        self.margin_formula = margins.build(margin, self.scale, self.epsilon)
         self.sample_rate = float(sample_rate)
         self.num_sample = min(num_classes, int(self.sample_rate * num_classes))
         self.seed = seed
         self.shard_centres = shard_centres
-        self.num_shards = 1
-        self.shard_size = num_classes
-        # A sharded step (all-gathers, sync-on-read shards) runs without XLA.
-        self.supports_jit = not (self.sampling or shard_centres)
-        theta_switch = (math.pi - self.m2) / self.m1
-        self._switch_theta = theta_switch if theta_switch < math.pi else None
-        if self._switch_theta is not None:
-            self._switch_cos = math.cos(theta_switch)
-            self._fallback_penalty = max(self.m2 * math.sin(self.m2), 1.0 + self._switch_cos)
+        self.supports_jit = not self.sampling
+
+    @property
+    def m1(self) -> float:
+        return self.margin_formula.m1
+
+    @property
+    def m2(self) -> float:
+        return self.margin_formula.m2
+
+    @property
+    def m3(self) -> float:
+        return self.margin_formula.m3
 
     def build(self, input_shape):
-        if self.shard_centres:
-            self._build_shards(int(input_shape[-1]))
-        else:
-            self.centres = self.add_weight(
-                name="centres",
-                shape=(self.num_classes, int(input_shape[-1])),
-                initializer=keras.initializers.RandomNormal(stddev=0.01),
-                dtype="float32",
+        self.centres = self.add_weight(
+            name="centres",
+            shape=(self.num_classes * self.subcenters, int(input_shape[-1])),
+            initializer=keras.initializers.RandomNormal(stddev=0.01),
+            dtype="float32",
+        )
+        if self.margin_formula.uses_norms:
+            self.batch_mean, self.batch_std = (
+                self.add_weight(name=name, shape=(), initializer=keras.initializers.Constant(value),
+                                dtype="float32", trainable=False, aggregation=compat.ONLY_FIRST_REPLICA)
+                for name, value in (("batch_mean", 20.0), ("batch_std", 100.0))
             )
         super().build(input_shape)
 
-    def _build_shards(self, dim: int) -> None:
-        """Creates this replica's shard of the centres and of their SGD momentum, (S, dim) each.
+    def norm_statistics(self, embeddings, update: bool) -> NormStatistics | None:
+        """AdaFace's norms and statistics (None for other margins); with `update`, first folds the
+        norms of the global batch (every replica's) into the running mean and std."""
+        if not self.margin_formula.uses_norms:
+            return None
+        norms = tf.norm(tf.cast(embeddings, "float32"), axis=-1)
+        norms = tf.stop_gradient(tf.clip_by_value(tf.reshape(norms, (-1,)), 0.001, 100.0))
+        mean, std = tf.identity(self.batch_mean), tf.identity(self.batch_std)
+        if update:
+            everyone = norms
+            context = tf.distribute.get_replica_context()
+            if context is not None and context.num_replicas_in_sync > 1:
+                everyone = context.all_gather(norms, axis=0)
+            count = tf.cast(tf.size(everyone), "float32")
+            batch_mean = tf.reduce_mean(everyone)
+            squares = tf.reduce_sum(tf.square(everyone - batch_mean))
+            batch_std = tf.where(count > 1, tf.sqrt(squares / tf.maximum(count - 1.0, 1.0)), std)
+            alpha = self.margin_formula.t_alpha
+            mean = alpha * batch_mean + (1.0 - alpha) * mean
+            std = alpha * batch_std + (1.0 - alpha) * std
+            self.batch_mean.assign(mean)
+            self.batch_std.assign(std)
+        return NormStatistics(norms, mean, std)
 
-        Both are tf.distribute sync-on-read variables (`synchronization="on_read"`): the one kind
-        of distributed variable, under MirroredStrategy and MultiWorkerMirroredStrategy alike,
-        whose per-replica components may differ, each read and assigned by its own replica in
-        replica context with no collective op (mirrored variables are kept equal by the strategy).
-        They cannot be trainable, so the compiled optimizer, which sums the gradients of its
-        variables over the replicas, never sees them; the head steps them itself. Aggregation
-        "only_first_replica" makes a cross-replica read (e.g. `get_weights`) give replica 0's
-        shard without a collective op, so it cannot hang under several workers; the whole matrix
-        comes from `gather_shards`. Strategies copy replica 0's initial value to every replica,
-        so each shard is then drawn again from (a seed, its replica id): the full matrix has
-        i.i.d. N(0, 0.01^2) entries, as the unsharded RandomNormal(stddev=0.01) initialisation.
-        """
-        strategy = tf.distribute.get_strategy()
-        self._strategy = strategy
-        self.num_shards = strategy.num_replicas_in_sync
-        self.shard_size = -(-self.num_classes // self.num_shards)
+    def class_rows(self, index):
+        """The rows of `centres` (every sub-centre) of the classes `index`, class by class."""
+        if self.subcenters == 1:
+            return index
+        rows = index[:, None] * self.subcenters + tf.range(self.subcenters)[None, :]
+        return tf.reshape(rows, (-1,))
 
-        def shard_variable(name):
-            return keras.Variable(
-                initializer="zeros",
-                shape=(self.shard_size, dim),
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-                synchronization="on_read",
-                aggregation="only_first_replica",
-                name=name,
-            )
-
-        with keras.name_scope(self.name, caller=self):
-            self.centres = shard_variable("centres")
-            self.momentum = shard_variable("centres_momentum")
-        seed = random.randint(1, 10**9)  # Python's generator, which seeds Keras's initializers too
-
-        def draw(context):
-            replica = context.replica_id_in_sync_group
-            values = tf.random.stateless_normal((self.shard_size, dim), seed=[seed, replica], stddev=0.01)
-            rows = replica * self.shard_size + tf.range(self.shard_size)
-            return tf.where((rows < self.num_classes)[:, None], values, 0.0)
-
-        with tf.init_scope():
-            self._assign_per_replica(self.centres, strategy.experimental_distribute_values_from_function(draw))
-
-    def _assign_per_replica(self, variable, values) -> None:
-        """Assigns each replica's component of a shard variable its own value of `values`."""
-
-        @tf.function
-        def assign(values):
-            self._strategy.run(lambda value: compat.variable_tensor(variable).assign(value), args=(values,))
-
-        assign(values)
-
-    def gather_shards(self, variable) -> np.ndarray:
-        """The whole (num_classes, dim) matrix of a shard variable (centres or momentum), in class order.
-
-        Under several workers this is a collective op: every worker must call it.
-        """
-
-        @tf.function
-        def gather():
-            local = self._strategy.run(lambda: tf.identity(compat.variable_tensor(variable)))
-            return self._strategy.gather(local, axis=0)
-
-        return compat.to_numpy(gather())[: self.num_classes]
-
-    def assign_shards(self, variable, value, key: str = "value") -> None:
-        """Splits a whole (num_classes, dim) matrix into the shards of `variable` (centres or momentum)."""
-        value = np.asarray(value, dtype="float32")
-        expected = (self.num_classes, int(variable.shape[-1]))
-        if value.shape != expected:
-            raise ValueError(
-                f"Layer {self.name!r}: entry {key!r} has shape {value.shape}, expected {expected} "
-                "(num_classes x embedding size)."
-            )
-        size = self.shard_size
-        padded = np.zeros((self.num_shards * size, expected[1]), "float32")
-        padded[: self.num_classes] = value
-
-        def shard(context):
-            first = context.replica_id_in_sync_group * size
-            return padded[first : first + size]
-
-        self._assign_per_replica(variable, self._strategy.experimental_distribute_values_from_function(shard))
-
-    def read_shard(self):
-        """This replica's shard of the centres (S, dim) as a tensor (in a replica context)."""
-        return tf.identity(compat.variable_tensor(self.centres))
-
-    def _replica(self):
-        """The replica context of the running step and its replica id, after checking the replica count."""
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas != self.num_shards:
-            raise ValueError(
-                f"Layer {self.name!r} holds its centres in {self.num_shards} shard(s) but runs on "
-                f"{replicas} replica(s): build or load the model under the strategy it trains with."
-            )
-        context = tf.distribute.get_replica_context()
-        return context, tf.cast(context.replica_id_in_sync_group, "int32")
-
-    def _all_gather(self, context, value):
-        return value if self.num_shards == 1 else context.all_gather(value, axis=0)
-
-    def _all_sum(self, context, value):
-        return value if self.num_shards == 1 else context.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-    def _all_max(self, context, value):
-        """Element-wise maximum over replicas, without gradient (all-reduce has no MAX: all-gather)."""
-        value = tf.stop_gradient(value)
-        return value if self.num_shards == 1 else tf.reduce_max(context.all_gather(value[None], axis=0), axis=0)
-
-    def _sample_shard(self, local, owned, valid, step, replica):
-        """Sorted rows of the local shard to train this step: its positives plus random valid others.
-
-        max(int(sample_rate * valid rows), positives in the shard, 1) rows, drawn from
-        (`seed`, `step`, `replica`); padding rows come only when a shard has no valid row left.
-        """
-        size = self.shard_size
-        positive = tf.scatter_nd(
-            tf.boolean_mask(local, owned)[:, None], tf.ones_like(tf.boolean_mask(local, owned)), (size,)
-        ) > 0
-        wanted = tf.cast(tf.floor(self.sample_rate * tf.cast(valid, "float64")), "int32")
-        count = tf.maximum(tf.maximum(wanted, tf.reduce_sum(tf.cast(positive, "int32"))), 1)
-        seed = tf.stack([tf.constant(self.seed, "int64"), tf.cast(step, "int64")])
-        seed = tf.random.experimental.stateless_fold_in(seed, replica)
-        scores = tf.random.stateless_uniform((size,), seed=seed)
-        scores = tf.where(positive, 2.0, tf.where(tf.range(size) < valid, scores, -1.0))
-        return tf.sort(tf.math.top_k(scores, k=tf.minimum(count, size), sorted=False).indices)
-
-    def sharded_cross_entropy(self, embeddings, labels, shard, step=None) -> ShardedLoss:
-        """Margin softmax cross-entropy of the global batch against sharded centres (replica context).
-
-        Gathers the embeddings and labels of all replicas, takes their cosines against `shard`
-        (this replica's centres from `read_shard`, watched by the caller's tape), puts the margin
-        on the target column where the label lies in this shard, and combines the shards: the
-        maximum over replicas of the row maxima, the sum of the exponentials, the target logit
-        from its owner. The gradient of sum(loss) / global batch is exact: each replica gets
-        (softmax - one-hot) / global batch on its own columns, so its shard's gradient is the
-        full one, and the all-gather's gradient (all-reduce sum, then slice) gives each replica's
-        embeddings the sum over shards. With `step` and sample_rate < 1 each shard uses only the
-        rows `_sample_shard` draws.
-        """
-        context, replica = self._replica()
-        labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
-        batch = tf.shape(labels)[0]
-        all_embeddings = self._all_gather(context, tf.cast(embeddings, "float32"))
-        all_labels = self._all_gather(context, labels)
-        offset = tf.reduce_sum(self._all_gather(context, batch[None])[:replica])
-        first = replica * self.shard_size
-        valid = tf.clip_by_value(self.num_classes - first, 0, self.shard_size)
-        local = all_labels - first
-        owned = (local >= 0) & (local < valid)
-        if step is not None and self.sampling:
-            index = self._sample_shard(local, owned, valid, step, replica)
-            rows = tf.gather(shard, index)
-            targets = tf.where(owned, tf.searchsorted(index, tf.where(owned, local, 0)), -1)
-        else:
-            index = tf.range(self.shard_size)
-            rows = shard
-            targets = tf.where(owned, local, -1)
-        column_valid = index < valid
-        cosine = self.cosine(all_embeddings, rows)
-        logits = tf.where(column_valid, self.margin_logits(cosine, targets), -math.inf)
-        loss = self._distributed_cross_entropy(context, logits, targets)
-        prediction = self._distributed_argmax(context, tf.where(column_valid, cosine, -math.inf), first + index)
-        hits = tf.cast(tf.equal(prediction, all_labels), "float32")
-        return ShardedLoss(loss, loss[offset : offset + batch], hits[offset : offset + batch], rows)
-
-    def _distributed_cross_entropy(self, context, logits, targets):
-        """Per-example softmax cross-entropy over the columns of all shards; targets -1 lie elsewhere."""
-        one_hot = tf.one_hot(targets, tf.shape(logits)[-1], dtype="float32")
-
-        @tf.custom_gradient
-        def cross_entropy(logits):
-            row_max = self._all_max(context, tf.reduce_max(logits, axis=-1))
-            shifted = logits - row_max[:, None]
-            exp = tf.exp(shifted)
-            sum_exp = self._all_sum(context, tf.reduce_sum(exp, axis=-1))
-            target = self._all_sum(context, tf.reduce_sum(tf.where(one_hot > 0, shifted, 0.0), axis=-1))
-
-            def gradient(upstream):
-                return (exp / sum_exp[:, None] - one_hot) * upstream[:, None]
-
-            return tf.math.log(sum_exp) - target, gradient
-
-        return cross_entropy(logits)
-
-    def _distributed_argmax(self, context, cosine, classes):
-        """The class of the largest cosine over all shards (the first one on ties, like argmax)."""
-        best = tf.reduce_max(cosine, axis=-1)
-        choice = tf.gather(classes, tf.argmax(cosine, axis=-1, output_type=tf.int32))
-        if self.num_shards == 1:
-            return choice
-        bests = context.all_gather(best[None], axis=0)
-        choices = context.all_gather(choice[None], axis=0)
-        winner = tf.argmax(bests, axis=0, output_type=tf.int32)
-        return tf.gather(tf.transpose(choices), winner[:, None], batch_dims=1)[:, 0]
-
-    def check_optimizer(self, optimizer):
-        """The SGD that steps the shards: `optimizer`, or the one its loss scaling wraps.
-
-        Raises ValueError for any other optimizer, or SGD with clipping, EMA, gradient accumulation
-        or a loss scale factor, which the shards' own update would not follow.
-        """
-        inner = optimizer.inner_optimizer if compat.is_loss_scale_optimizer(optimizer) else optimizer
-        if not isinstance(inner, keras.optimizers.SGD):
-            raise ValueError(
-                "shard_centres=True steps each replica's class centres with SGD (momentum) itself: "
-                f"compile the model with keras.optimizers.SGD (loss scaling allowed), not {type(inner).__name__}."
-            )
-        options = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "gradient_accumulation_steps",
-                   "loss_scale_factor")
-        used = [name for name in options if getattr(inner, name, None)]
-        if used:
-            raise ValueError(
-                f"shard_centres=True steps the centres with plain SGD (momentum, nesterov, weight_decay); "
-                f"the optimizer sets {', '.join(used)}, which the centres' update does not follow."
-            )
-        return inner
-
-    def apply_shard_gradient(self, gradient, optimizer, finite=None) -> None:
-        """Steps this replica's shard as keras.optimizers.SGD steps a variable (replica context).
-
-        `gradient` is of the loss `optimizer` scaled (unscaled here by its current scale); the
-        learning rate is the optimizer's current one (its schedule at `iterations`), so call this
-        before the optimizer applies the step. Decoupled weight decay (SGD's `weight_decay`)
-        first, then m = momentum * m - lr * g and w += m (nesterov: w += momentum * m - lr * g);
-        with a constant learning rate this is torch SGD's step (insightface's partial_fc_v2).
-        Nothing changes where `finite` is False (a skipped loss-scaled step).
-        """
-        inner = self.check_optimizer(optimizer)
-        if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.math.unsorted_segment_sum(gradient.values, gradient.indices, self.shard_size)
-        if inner is not optimizer:  # the scale `scale_loss` used; built with the optimizer's first step
-            scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
-            gradient = gradient / tf.cast(scale, "float32")
-        learning_rate = tf.cast(optimizer.learning_rate, "float32")
-        centres = compat.variable_tensor(self.centres)
-        velocity = compat.variable_tensor(self.momentum)
-
-        def update():
-            if inner.weight_decay is not None and inner._use_weight_decay(self.centres):
-                centres.assign_sub(centres * tf.cast(inner.weight_decay, "float32") * learning_rate)
-            if inner.momentum != 0:
-                momentum = tf.cast(inner.momentum, "float32")
-                velocity.assign(velocity * momentum - gradient * learning_rate)
-                if inner.nesterov:
-                    centres.assign_add(velocity * momentum - gradient * learning_rate)
-                else:
-                    centres.assign_add(velocity)
-            else:
-                centres.assign_sub(gradient * learning_rate)
-
-        if finite is None:
-            update()
-        else:
-            tf.cond(finite, update, lambda: None)
-
-    def _sharded_cosine(self, embeddings):
-        """cos(theta) against all classes with sharded centres: in a replica context of the head's
-        strategy for that replica's embeddings, else for `embeddings` on every replica, gathered."""
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.strategy is self._strategy:
-            context, replica = self._replica()
-            embeddings = tf.cast(embeddings, "float32")
-            batch = tf.shape(embeddings)[0]
-            offset = tf.reduce_sum(context.all_gather(batch[None], axis=0)[:replica])
-            cosine = self.cosine(context.all_gather(embeddings, axis=0), self.read_shard())
-            return context.all_gather(cosine, axis=1)[offset : offset + batch, : self.num_classes]
-        local = self._strategy.run(lambda e: self.cosine(e, self.read_shard()), args=(embeddings,))
-        return self._strategy.gather(local, axis=1)[:, : self.num_classes]
+    def filter_interclass(self, cosine, labels):
+        """insightface's inter-class filtering: cosines above the threshold that are not a row's
+        target set to 0, without gradient (rows with label -1 have no target)."""
+        if not self.interclass_filtering_threshold:
+            return cosine
+        dirty = (cosine > self.interclass_filtering_threshold) & ~(margins.target_mask(cosine, labels) > 0)
+        return cosine * tf.stop_gradient(1.0 - tf.cast(dirty, "float32"))
 
     @property
     def sampling(self) -> bool:
@@ -468,64 +242,62 @@ class MarginHead(keras.layers.Layer):
         embeddings = tf.math.l2_normalize(tf.cast(embeddings, "float32"), axis=-1, epsilon=1e-12)
         centres = tf.math.l2_normalize(tf.cast(centres, "float32"), axis=-1, epsilon=1e-12)
         cosine = tf.matmul(embeddings, centres, transpose_b=True)
+        if self.subcenters > 1:
+            cosine = tf.reduce_max(tf.reshape(cosine, (tf.shape(cosine)[0], -1, self.subcenters)), axis=-1)
         return tf.clip_by_value(cosine, -1.0 + self.epsilon, 1.0 - self.epsilon)
 
     def target_logit(self, cosine):
-        """Unscaled margin logit cos(m1*theta + m2) - m3 (with the monotonic fallback)."""
-        if self.m1 == 1.0 and self.m2 == 0.0:
-            return cosine - self.m3
-        theta = tf.acos(cosine)
-        margin_form = tf.cos(self.m1 * theta + self.m2) - self.m3
-        if self._switch_theta is None:
-            return margin_form
-        fallback = cosine - self.m3 - self._fallback_penalty
-        return tf.where(cosine > self._switch_cos, margin_form, fallback)
+        """Unscaled margin logit of a target cosine (see the margin formula)."""
+        return self.margin_formula.target_logit(cosine)
 
-    def margin_logits(self, cosine, labels):
-        """Scaled logits from clipped cosines (batch x classes): margin on each label's column."""
-        labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
-        one_hot = tf.one_hot(labels, tf.shape(cosine)[-1], dtype="float32")
-        target_cosine = tf.clip_by_value(
-            tf.reduce_sum(cosine * one_hot, axis=-1, keepdims=True), -1.0 + self.epsilon, 1.0 - self.epsilon
-        )
-        logits = tf.where(one_hot > 0, self.target_logit(target_cosine), cosine)
-        return logits * self.scale
+    def margin_logits(self, cosine, labels, statistics: NormStatistics | None = None):
+        """Scaled logits from clipped cosines (batch x classes): margin on each label's column
+        (AdaFace: from `statistics` of `norm_statistics`)."""
+        if self.margin_formula.uses_norms:
+            if statistics is None:
+                raise ValueError("margin='adaface' needs the norm statistics of the raw embeddings.")
+            return self.margin_formula.logits(cosine, labels, *statistics)
+        return self.margin_formula.logits(cosine, labels)
 
-    def call(self, embeddings, labels=None):
-        if self.shard_centres and self.num_shards > 1:
-            cosine = self._sharded_cosine(embeddings)
-        else:
-            cosine = self.cosine(embeddings)
+    def call(self, embeddings, labels=None, training=None):
+        cosine = self.cosine(embeddings)
         if labels is None:
             return cosine * self.scale
-        return self.margin_logits(cosine, labels)
+        statistics = self.norm_statistics(embeddings, update=bool(training))
+        return self.margin_logits(self.filter_interclass(cosine, labels), labels, statistics)
 
     def compute_output_shape(self, input_shape, labels_shape=None):
         return tuple(input_shape[:-1]) + (self.num_classes,)
 
-    def save_own_variables(self, store):
-        """Sharded centres are saved whole, in class order: "0" the (num_classes, dim) centres,
-        "1" their momentum, whatever the number of replicas (a collective op under several workers)."""
-        if not self.shard_centres:
-            super().save_own_variables(store)
-            return
-        store["0"] = self.gather_shards(self.centres)
-        store["1"] = self.gather_shards(self.momentum)
+    def accuracy_metric(self) -> keras.metrics.Metric:
+        """The training model's top-1 accuracy metric, updated with `HeadLoss.accuracy`."""
+        return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
-    def load_own_variables(self, store):
-        """Loads what `save_own_variables` saved, split into this head's shards."""
-        if not self.shard_centres:
-            super().load_own_variables(store)
-            return
-        keys = sorted(store.keys())
-        if keys != ["0", "1"]:
-            raise ValueError(
-                f"Layer {self.name!r} (shard_centres=True) loads centres and their momentum (entries "
-                f"'0' and '1'), but the saved entries are {keys}: the file was saved by a head with "
-                "shard_centres=False."
-            )
-        self.assign_shards(self.centres, store["0"], "0")
-        self.assign_shards(self.momentum, store["1"], "1")
+    def read_stepped_centres(self) -> list:
+        """Tensors of the centres this head steps itself (none: the compiled optimizer steps them)."""
+        return []
+
+    def loss(self, embeddings, labels, step=None, stepped_centres=()) -> HeadLoss:
+        """Margin softmax cross-entropy of one replica's batch (replica context).
+
+        `step` is the training step (None: evaluation). With a step and sample_rate < 1 only the
+        centres `sample` draws take part, gathered from the variable so their gradient is a
+        `tf.IndexedSlices` over the sample. AdaFace's statistics are updated first in training.
+        """
+        labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
+        statistics = self.norm_statistics(embeddings, update=step is not None)
+        centres = None
+        if step is not None and self.sampling:
+            index, labels = self.sample(labels, step)
+            centres = tf.gather(compat.variable_tensor(self.centres), self.class_rows(index))
+        cosine = self.cosine(embeddings, centres)
+        logits = self.margin_logits(self.filter_interclass(cosine, labels), labels, statistics)
+        cross_entropy = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        return HeadLoss(cross_entropy, (labels, cosine), centres)
+
+    def apply_gradients(self, optimizer, gradients, variables, stepped_gradients=()) -> None:
+        """Applies the gradients of a `scale_loss`-scaled objective with the compiled optimizer."""
+        compat.apply_gradients(optimizer, gradients, variables)
 
     def get_config(self):
         config = super().get_config()
@@ -537,5 +309,7 @@ class MarginHead(keras.layers.Layer):
             sample_rate=self.sample_rate,
             seed=self.seed,
             shard_centres=self.shard_centres,
+            subcenters=self.subcenters,
+            interclass_filtering_threshold=self.interclass_filtering_threshold,
         )
         return config

@@ -1,10 +1,21 @@
 """ArcFaceModel: a backbone plus a margin head, trained with plain `fit`, serving normalised embeddings."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
+
 from faceid_keras import backbones, compat
-from faceid_keras.heads import MarginHead
+from faceid_keras.heads import HeadLoss, MarginHead
+
+
+class ReplicaLoss(NamedTuple):
+    """One replica's share of a step's loss (its sum over replicas is the global value)."""
+
+    loss: tf.Tensor  # cross-entropy + regularisation losses: the `loss` metric
+    objective: tf.Tensor  # what the step differentiates (with the coupled weight decay)
+    replicas: int  # replicas in sync
 
 
 @keras.saving.register_keras_serializable(package="faceid")
@@ -35,11 +46,16 @@ class ArcFaceModel(keras.Model):
     `predict` always use all centres. sample_rate=1.0 is the plain full head, step for step.
 
     `shard_centres=True` (Keras 3) splits the centres and their momentum across the replicas of
-    the strategy the model is built in (see `MarginHead`): each replica takes the distributed
+    the strategy the model is built in (see `sharded_heads.ShardedMarginHead`): each replica takes the distributed
     cross-entropy of the global batch against its shard and steps the shard itself with the
     compiled optimizer's learning rate and momentum, which must be keras.optimizers.SGD. Backbone
     and centre gradients are exactly those of the unsharded model; with sampling each shard
     samples within itself. Saved files hold the whole centres and load on any replica count.
+
+    `margin` also takes "adaface" and "arcface_torch"; `subcenters` and
+    `interclass_filtering_threshold` go to the head (see `MarginHead`). The head receives the
+    backbone's raw embeddings, so AdaFace sees their norms; its statistics are model weights
+    (saved, restored by backups) updated by training steps only.
     """
 
     def __init__(
@@ -55,6 +71,8 @@ class ArcFaceModel(keras.Model):
         weight_decay: float = 5e-4,
         sample_rate: float = 1.0,
         shard_centres: bool = False,
+        subcenters: int = 1,
+        interclass_filtering_threshold: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -83,18 +101,18 @@ class ArcFaceModel(keras.Model):
         self.weight_decay = float(weight_decay)
         self.head = MarginHead(
             num_classes, margin=margin, scale=scale, sample_rate=sample_rate, shard_centres=shard_centres,
+            subcenters=subcenters, interclass_filtering_threshold=interclass_filtering_threshold,
             name="margin_head",
         )
         self.sample_rate = self.head.sample_rate
         self.shard_centres = self.head.shard_centres
+        self.subcenters = self.head.subcenters
+        self.interclass_filtering_threshold = self.head.interclass_filtering_threshold
         self.pixel_scaling = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")
         self.normalize = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")
         self.head.build((None, self.embedding_size))
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        if self.shard_centres:  # no replica holds every class's cosine: the head gives hits
-            self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
-        else:
-            self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.accuracy_tracker = self.head.accuracy_metric()
         self(tf.zeros((1,) + self.image_shape))
 
     def call(self, images, training=None):
@@ -133,81 +151,48 @@ class ArcFaceModel(keras.Model):
         with self.distribute_strategy.scope():
             self._symbolic_build()
 
-    def _forward(self, images, labels, training, sample=False):
-        """Per-replica (cross-entropy + regularisation) loss scaled for gradient summing, cosines,
-        the labels they refer to, replicas, and the gathered centres when the head is sampled."""
+    def _forward(self, images, labels, training, stepped_centres=()) -> HeadLoss:
+        """The head's loss for one replica's batch; training steps sample (Partial FC) at the
+        optimizer's iteration count."""
         embeddings = self._embed(images, training=training)
-        labels = tf.reshape(tf.cast(labels, "int32"), (-1,))
-        centres = None
-        if sample:
-            index, labels = self.head.sample(labels, self.optimizer.iterations)
-            centres = tf.gather(compat.variable_tensor(self.head.centres), index)
-        cosine = self.head.cosine(embeddings, centres)
-        logits = self.head.margin_logits(cosine, labels)
-        cross_entropy = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = tf.cast(tf.shape(labels)[0] * replicas, "float32")
-        loss = tf.reduce_sum(cross_entropy) / global_batch
-        if self.losses:
-            loss = loss + tf.add_n([tf.cast(x, "float32") for x in self.losses]) / replicas
-        return loss, cosine, labels, replicas, centres
+        step = self.optimizer.iterations if training else None
+        return self.head.loss(embeddings, labels, step, stepped_centres)
 
-    def _sharded_forward(self, images, labels, training, shard, sample=False):
-        """`_forward` with sharded centres: (loss, cross-entropy objective, head result, replicas).
+    def _objective(self, result: HeadLoss, variables) -> ReplicaLoss:
+        """This replica's share of the loss and of the objective to differentiate: the one place
+        that scales by the replica count (gradients are then summed across replicas).
 
-        `loss` is this replica's share for the metric, as `_forward`'s; the objective holds the
-        cross-entropy of the whole global batch over its true size, whose gradient through the
-        head's distributed cross-entropy is this replica's exact part (see
-        `MarginHead.sharded_cross_entropy`).
+        Cross-entropy sums over the global batch, regularisation losses and the coupled weight
+        decay divided by the replicas; centre rows a replica steps alone (sharded) decay whole.
         """
-        embeddings = self._embed(images, training=training)
-        step = self.optimizer.iterations if sample else None
-        result = self.head.sharded_cross_entropy(embeddings, labels, shard, step)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        local_batch = tf.cast(tf.shape(result.local_loss)[0] * replicas, "float32")
-        loss = tf.reduce_sum(result.local_loss) / local_batch
-        objective = tf.reduce_sum(result.loss) / tf.cast(tf.shape(result.loss)[0], "float32")
+        global_batch = tf.cast(tf.shape(result.cross_entropy)[0] * replicas, "float32")
+        loss = tf.reduce_sum(result.cross_entropy) / global_batch
+        if result.global_cross_entropy is None:
+            objective = loss
+        else:
+            everyone = result.global_cross_entropy
+            objective = tf.reduce_sum(everyone) / tf.cast(tf.shape(everyone)[0], "float32")
         if self.losses:
             regularisation = tf.add_n([tf.cast(x, "float32") for x in self.losses]) / replicas
             loss, objective = loss + regularisation, objective + regularisation
-        return loss, objective, result, replicas
+        if self.weight_decay and variables is not None:
+            rows = result.decay_rows
+            decayed = [v for v in variables if rows is None or v is not self.head.centres]
+            if rows is not None and self.head.centres_replicated:
+                decayed.append(rows)
+            decay = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, "float32"))) for v in decayed])
+            if rows is not None and not self.head.centres_replicated:
+                objective = objective + 0.5 * self.weight_decay * (decay / replicas + tf.reduce_sum(tf.square(rows)))
+            else:
+                objective = objective + 0.5 * self.weight_decay * decay / replicas
+        return ReplicaLoss(loss, objective, replicas)
 
-    def _sharded_train_step(self, images, labels):
-        """train_step with sharded centres: the compiled optimizer steps every other variable, the
-        head each replica's shard (SGD with the optimizer's learning rate and momentum).
-
-        The coupled weight decay of the shard's rows (all, or the sampled ones) is not divided by
-        the replicas: no other replica adds to that gradient. Under loss scaling a step with a
-        non-finite gradient on any replica (the shards' included) is skipped everywhere: every
-        replica then hands the optimizer non-finite gradients and leaves its shard alone.
-        """
-        self.head.check_optimizer(self.optimizer)
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            shard = self.head.read_shard()
-            tape.watch(shard)
-            loss, objective, result, replicas = self._sharded_forward(
-                images, labels, training=True, shard=shard, sample=self.head.sampling
-            )
-            if self.weight_decay:
-                decay = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, "float32"))) for v in variables])
-                decay = decay / replicas + tf.reduce_sum(tf.square(result.rows))
-                objective = objective + 0.5 * self.weight_decay * decay
-            objective = compat.scale_loss(self.optimizer, objective)
-        gradients = tape.gradient(objective, variables + [shard])
-        gradients, shard_gradient = gradients[:-1], gradients[-1]
-        finite = None
-        if compat.is_loss_scale_optimizer(self.optimizer):
-            finite = _all_finite(gradients + [shard_gradient])
-            gradients = [_poison(g, finite) for g in gradients]
-        self.head.apply_shard_gradient(shard_gradient, self.optimizer, finite)
-        compat.apply_gradients(self.optimizer, gradients, variables)
-        return self._track(loss, replicas, result.hits)
-
-    def _track(self, loss, replicas, *accuracy):
-        """Updates the metrics; `accuracy` is (labels, cosines), or (hits,) with sharded centres."""
-        self.loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(accuracy[0])[0])
-        self.accuracy_tracker.update_state(*accuracy)
+    def _track(self, loss: ReplicaLoss, result: HeadLoss):
+        """Updates the metrics with this replica's loss share and the head's accuracy arguments."""
+        batch = tf.shape(result.accuracy[0])[0]
+        self.loss_tracker.update_state(loss.loss * loss.replicas, sample_weight=batch)
+        self.accuracy_tracker.update_state(*result.accuracy)
         return compat.per_replica_logs({m.name: m.result() for m in self.metrics})
 
     @staticmethod
@@ -220,35 +205,25 @@ class ArcFaceModel(keras.Model):
         return images, labels
 
     def train_step(self, data):
+        """One step: the compiled optimizer steps the trainable variables, the head any centres it
+        steps itself (sharded), both from one tape."""
         images, labels = self._unpack(data)
-        if self.shard_centres:
-            return self._sharded_train_step(images, labels)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            loss, cosine, labels, replicas, centres = self._forward(
-                images, labels, training=True, sample=self.head.sampling
-            )
-            objective = loss
-            if self.weight_decay:
-                decayed = [v for v in variables if centres is None or v is not self.head.centres]
-                if centres is not None:
-                    decayed.append(centres)
-                decay = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, "float32"))) for v in decayed])
-                objective = objective + 0.5 * self.weight_decay * decay / replicas
-            objective = compat.scale_loss(self.optimizer, objective)
-        gradients = tape.gradient(objective, variables)
-        compat.apply_gradients(self.optimizer, gradients, variables)
-        return self._track(loss, replicas, labels, cosine)
+            stepped = self.head.read_stepped_centres()
+            tape.watch(stepped)
+            result = self._forward(images, labels, training=True, stepped_centres=stepped)
+            loss = self._objective(result, variables)
+            objective = compat.scale_loss(self.optimizer, loss.objective)
+        gradients = tape.gradient(objective, variables + stepped)
+        split = len(variables)
+        self.head.apply_gradients(self.optimizer, gradients[:split], variables, gradients[split:])
+        return self._track(loss, result)
 
     def test_step(self, data):
         images, labels = self._unpack(data)
-        if self.shard_centres:
-            loss, _, result, replicas = self._sharded_forward(
-                images, labels, training=False, shard=self.head.read_shard()
-            )
-            return self._track(loss, replicas, result.hits)
-        loss, cosine, labels, replicas, _ = self._forward(images, labels, training=False)
-        return self._track(loss, replicas, labels, cosine)
+        result = self._forward(images, labels, training=False)
+        return self._track(self._objective(result, None), result)
 
     def embedding_model(self) -> keras.Model:
         """A functional model [0, 255] pixel images -> L2-normalised float32 embeddings, without the
@@ -272,6 +247,8 @@ class ArcFaceModel(keras.Model):
             weight_decay=self.weight_decay,
             sample_rate=self.sample_rate,
             shard_centres=self.shard_centres,
+            subcenters=self.subcenters,
+            interclass_filtering_threshold=self.interclass_filtering_threshold,
         )
         return config
 
@@ -281,22 +258,3 @@ class ArcFaceModel(keras.Model):
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
 
-
-def _all_finite(gradients):
-    """Whether every gradient is finite on every replica (one all-reduce of a flag)."""
-    values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in gradients if g is not None]
-    bad = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values]), "float32")
-    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
-        bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
-    return tf.equal(bad, 0.0)
-
-
-def _poison(gradient, finite):
-    """`gradient` where `finite`, else NaN: the loss-scale optimizer then skips the step."""
-    if gradient is None:
-        return None
-    poison = tf.where(finite, 0.0, float("nan"))
-    if isinstance(gradient, tf.IndexedSlices):
-        values = gradient.values + tf.cast(poison, gradient.dtype)
-        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
-    return gradient + tf.cast(poison, gradient.dtype)

@@ -18,7 +18,7 @@ from faceid_keras.placement import DEVICES, PRECISIONS
 
 
 def _margin(text: str) -> str | tuple[float, float, float]:
-    if text in ("arcface", "cosface"):
+    if text in ("arcface", "cosface", "arcface_torch", "adaface"):
         return text
     parts = text.split(",")
     try:
@@ -26,8 +26,18 @@ def _margin(text: str) -> str | tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"must be arcface, cosface or m1,m2,m3, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be arcface, cosface, arcface_torch, adaface or m1,m2,m3, got {text!r}"
+        )
     return values
+
+
+def _threshold(text: str) -> float:
+    """A cosine threshold in [0, 1): 0 turns the filtering off."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def _epoch_list(text: str) -> tuple[float, ...]:
@@ -64,7 +74,14 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model_group.add_argument("--norm", choices=list(backbones.NORMS), help="backbone normalisation")
     model_group.add_argument("--dropout", type=non_negative_float, help="dropout before the embedding")
     model_group.add_argument("--margin", type=_margin,
-                       help="arcface, cosface, or m1,m2,m3 of cos(m1*theta+m2)-m3 (default: arcface)")
+                             help="arcface, cosface, arcface_torch (insightface's since Dec 2022), adaface, "
+                             "or m1,m2,m3 of cos(m1*theta+m2)-m3 (default: arcface)")
+    model_group.add_argument("--subcenters", type=positive_int,
+                             help="sub-center ArcFace: centres per class, a class's cosine is their max "
+                             "(default: 1)")
+    model_group.add_argument("--interclass_filtering", type=_threshold,
+                             help="Partial FC's inter-class filtering: non-target cosines above T count as 0 "
+                             "(default: 0, off)")
     model_group.add_argument("--scale", type=float, help="logit scale s (default: 64)")
     model_group.add_argument("--sample_rate", type=fraction,
                        help="Partial FC: fraction of class centres sampled each step (default: 1, all)")

@@ -54,6 +54,7 @@ class TrainConfig:
     Data: `data_path` (tfds data dir or insightface folder), `tfds_data_dir`, `data_timeout`
     (seconds other workers wait for the chief's build), `image_size` (None: the data's),
     `shuffle_buffer`. Model: `backbone`, `embedding_size`, `norm`, `dropout`, `margin`, `scale`,
+    `subcenters` (sub-center ArcFace), `interclass_filtering` (a cosine threshold, 0: off),
     `sample_rate` (Partial FC), `shard_centres`. Fine-tuning: `init_from` (a saved .keras whose
     backbone starts the run; centres start at each identity's mean embedding), `freeze_bn`,
     `freeze_backbone_epochs`. Optimisation: `train_epochs`, `batch_size` (per replica), `steps` (cap
@@ -74,6 +75,8 @@ class TrainConfig:
     dropout: float = 0.0
     margin: str | tuple[float, float, float] = "arcface"
     scale: float = 64.0
+    subcenters: int = 1
+    interclass_filtering: float = 0.0
     sample_rate: float = 1.0
     shard_centres: bool = False
     init_from: str | None = None
@@ -279,6 +282,8 @@ def train(config: TrainConfig) -> TrainResult:
             weight_decay=config.weight_decay,
             sample_rate=config.sample_rate,
             shard_centres=config.shard_centres,
+            subcenters=config.subcenters,
+            interclass_filtering_threshold=config.interclass_filtering,
         )
         if config.freeze_bn:
             finetune.freeze_batch_norm(model.backbone)
