@@ -17,14 +17,14 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the `faceid` parser with one subcommand per module."""
-    from faceid_keras import demo, evaluate, train
+    from faceid_keras import demo, evaluate, export, onnx_import, train
 
     parser = argparse.ArgumentParser(
         prog="faceid",
         description="Train ArcFace face recognizers with Keras and verify faces with them.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, train, evaluate):
+    for module in (demo, train, evaluate, export, onnx_import):
         module.add_parser(subparsers)
     return parser
 
