@@ -23,6 +23,7 @@ from faceid_keras.cli import positive_int
 THRESHOLD_SUFFIX = ".threshold.json"
 SAVED_MODEL_METADATA = "faceid_metadata.json"
 GENERATED_PAIRS = 60
+SAMPLE_PAIRS = 200  # pairs of the first pack compared when no --targets are named
 
 
 class ExportError(ValueError):
@@ -93,13 +94,19 @@ def build_metadata(embedding_model, fmt: str, layout: str, quantize: str, thresh
 
 
 def parity_targets(data_path: str | None, names: list[str], image_size: tuple[int, int]) -> dict:
-    """Verification pairs for parity: the named targets, else the first pack under `data_path`,
-    else generated synthetic faces (the `tfds_ms1m.synthetic` renderer)."""
+    """Verification pairs for parity: the named targets, else about SAMPLE_PAIRS pairs of the first
+    pack under `data_path`, else generated synthetic faces (the `tfds_ms1m.synthetic` renderer)."""
     if data_path is not None:
-        names = names or verification.available_targets(data_path)[:1]
-        if not names:
+        if names:
+            return verification.load_targets(data_path, names, image_size)
+        first = verification.available_targets(data_path)[:1]
+        if not first:
             raise ExportError(f"{data_path}: no verification packs to measure parity on.")
-        return verification.load_targets(data_path, names, image_size)
+        (name, (images, issame)), = verification.load_targets(data_path, first, image_size).items()
+        step = max(1, len(issame) // SAMPLE_PAIRS)  # every step-th pair keeps same and different ones
+        pairs = np.arange(0, len(issame), step)
+        chosen = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+        return {f"{name} (every {step}th pair)" if step > 1 else name: (images[chosen], issame[pairs])}
     from tfds_ms1m import synthetic
 
     with tempfile.TemporaryDirectory(prefix="faceid-export-faces-") as folder:
