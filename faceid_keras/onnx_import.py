@@ -128,9 +128,10 @@ def _next(node, graph: _Graph, op_type: str):
 def parse(proto, source: str) -> tuple[dict, dict[str, list[np.ndarray]]]:
     """({depth, input_size, embedding_size}, {layer name: Keras weights}) of an insightface IResNet graph."""
     graph = _Graph(proto, source)
-    if len(graph.graph.input) < 1 or len(graph.graph.output) != 1:
-        graph.fail("expected one image input and one embedding output")
-    first = graph.only_consumer(graph.graph.input[0].name, "Conv")
+    inputs = [value.name for value in graph.graph.input if value.name not in graph.initializers]
+    if len(inputs) != 1 or len(graph.graph.output) != 1:
+        graph.fail(f"expected one image input and one embedding output, found inputs {inputs}")
+    first = graph.only_consumer(inputs[0], "Conv")
     weights = {}
     stem = _conv(graph, first, 3, 1)
     if stem["kernel"].shape[2:] != (3, WIDTHS[0]):
