@@ -1,4 +1,5 @@
-"""The `faceid` command line: demo, train, eval, calibrate, verify, embed, identify, pack and clean.
+"""The `faceid` command line: demo, train, eval, calibrate, verify, embed, identify, pack, clean,
+export and import.
 
 TensorFlow's environment defaults (oneDNN on, quiet logs) are set by `faceid_keras/__init__.py`,
 which Python runs before this module.
@@ -9,7 +10,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the `faceid` parser with one subcommand per module."""
-    from faceid_keras import calibrate, clean, demo, evaluate, faces, train
+    from faceid_keras import calibrate, clean, demo, evaluate, export, faces, onnx_import, train
     from tfds_ms1m import pack
 
     parser = argparse.ArgumentParser(
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train ArcFace face recognizers with Keras and verify faces with them.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, train, evaluate, calibrate, faces, pack, clean):
+    for module in (demo, train, evaluate, calibrate, faces, pack, clean, export, onnx_import):
         module.add_parser(subparsers)
     return parser
 

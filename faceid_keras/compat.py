@@ -111,3 +111,19 @@ def per_replica_logs(logs: dict) -> dict:
     if KERAS_3 and multi_worker and strategy.extended._in_multi_worker_mode():
         return {name: tf.reshape(value, (1,)) for name, value in logs.items()}
     return logs
+
+
+def export_onnx(model, path: str, input_name: str, opset: int) -> None:
+    """Writes `model` (one float32 input, dynamic batch) as ONNX through tf2onnx.
+
+    Keras 3 has `Model.export(format="onnx")`, which adapts tf2onnx to NumPy 2; Keras 2.13 has no
+    ONNX export, so there tf2onnx converts a tf.function of the model directly.
+    """
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name=input_name)
+    if KERAS_3:
+        model.export(path, format="onnx", input_signature=[spec], opset_version=opset, verbose=False)
+        return
+    import tf2onnx
+
+    function = tf.function(lambda images: model(images, training=False), input_signature=[spec])
+    tf2onnx.convert.from_function(function, input_signature=[spec], opset=opset, output_path=path)
