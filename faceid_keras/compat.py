@@ -127,3 +127,26 @@ def export_onnx(model, path: str, input_name: str, opset: int) -> None:
 
     function = tf.function(lambda images: model(images, training=False), input_signature=[spec])
     tf2onnx.convert.from_function(function, input_signature=[spec], opset=opset, output_path=path)
+
+
+class BuiltInInitModel(keras.Model):
+    """A keras.Model whose variables and metrics are all built in `__init__`: `fit`/`evaluate` then
+    build only the optimizer before the first step (Keras 3's private `_maybe_symbolic_build`).
+
+    Keras 3.15's own version reduces the first (images, labels) batch across replicas to trace the
+    model, which fails under MultiWorkerMirroredStrategy (a nested batch cannot be all-reduced).
+    Keras 2 never calls this method. tests/test_compat.py pins the private names used here.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        compiled_extras = self._compile_loss is not None or self._compile_metrics is not None
+        if self._distribute_strategy is None or compiled_extras:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        with self.distribute_strategy.scope():
+            self._symbolic_build()
+
+
+def uses_weight_decay(optimizer, variable) -> bool:
+    """Whether `optimizer` decays `variable` (Keras 3's private `_use_weight_decay`, which applies
+    `exclude_from_weight_decay`)."""
+    return optimizer._use_weight_decay(variable)

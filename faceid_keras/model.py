@@ -19,7 +19,7 @@ class ReplicaLoss(NamedTuple):
 
 
 @keras.saving.register_keras_serializable(package="faceid")
-class ArcFaceModel(keras.Model):
+class ArcFaceModel(compat.BuiltInInitModel):
     """Face recognizer: `call(images)` gives L2-normalised float32 embeddings; `fit` trains the margin head.
 
     Images are pixels in [0, 255], uint8 or float, as decoded: the model's first layer applies
@@ -136,20 +136,6 @@ class ArcFaceModel(keras.Model):
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Builds the optimizer before `fit`/`evaluate` without averaging a batch over replicas.
-
-        Keras's version (3.15) reduces the first (images, labels) batch across replicas to trace
-        the model, which fails under MultiWorkerMirroredStrategy (a nested batch cannot be
-        all-reduced). This model and its metrics are built in `__init__`, so without compiled
-        losses or metrics only the optimizer is left to build.
-        """
-        compiled_extras = self._compile_loss is not None or self._compile_metrics is not None
-        if self._distribute_strategy is None or compiled_extras:
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        with self.distribute_strategy.scope():
-            self._symbolic_build()
 
     def _forward(self, images, labels, training, stepped_centres=()) -> HeadLoss:
         """The head's loss for one replica's batch; training steps sample (Partial FC) at the

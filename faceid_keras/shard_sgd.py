@@ -35,7 +35,7 @@ class ShardSGD:
         self.loss_scaled = loss_scaled
         self.momentum = float(inner.momentum)
         self.nesterov = bool(inner.nesterov)
-        decays = inner.weight_decay is not None and inner._use_weight_decay(centres)
+        decays = inner.weight_decay is not None and compat.uses_weight_decay(inner, centres)
         self.weight_decay = inner.weight_decay if decays else None
         self.shard_size = shard_size
         self.centres = centres

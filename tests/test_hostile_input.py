@@ -31,7 +31,7 @@ def _limited(args, timeout=400):
     return lines
 
 
-def _jpeg(size=8, color=(200, 30, 90)):
+def encode_jpeg(size=8, color=(200, 30, 90)):
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buffer, format="JPEG")
     return buffer.getvalue()
@@ -113,9 +113,9 @@ def _cases(tmp_path):
     bin_case("repeated_array_state", ([_Reduce(real, args, state) for _ in range(40_000)],
                                       [True] * 20_000), "error", "more than twice its own size")
     # A JPEG referenced 60,000 times decodes once into the output array.
-    jpeg = _jpeg(8)
+    jpeg = encode_jpeg(8)
     bin_case("shared_jpeg", ([jpeg] * 60_000, [True] * 30_000), "ok", None, reader="load_bin")
-    bin_case("pack_too_big", ([_jpeg(112)] * 2_000, [True] * 1_000), "error",
+    bin_case("pack_too_big", ([encode_jpeg(112)] * 2_000, [True] * 1_000), "error",
              r"2000 images of 112x112 need 75264000 bytes decoded, more than the limit",
              reader="load_bin", max_bytes=50_000_000)
     bin_case("decompression_bomb", ([jpeg, _claiming(jpeg, 60_000, 60_000)], [True]), "error",
@@ -204,7 +204,7 @@ def test_fuzz_readers_derandomized(limited_run):
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_valid_pack_loads_in_every_protocol(tmp_path, protocol):
-    jpegs = [_jpeg(8, (i * 40, 10, 10)) for i in range(4)]
+    jpegs = [encode_jpeg(8, (i * 40, 10, 10)) for i in range(4)]
     path = tmp_path / "lfw.bin"
     arrays = [np.frombuffer(j, np.uint8) for j in jpegs]
     for bins in (jpegs, arrays, [b"", b""] + jpegs[:2]):

@@ -46,7 +46,7 @@ def test_reads_rows_paired_by_position(ijb_folder):
 
 
 def test_synthetic_landmarks_align_onto_the_rendered_face():
-    identity = synthetic._Identity(np.random.default_rng(0))
+    identity = synthetic.Identity(np.random.default_rng(0))
     face = identity.render(112, np.random.default_rng(7)).astype(float)
     crop, landmarks = synthetic_ijb._loose_crop(identity, np.random.default_rng(7), 160)
     aligned = alignment.align_face(crop, landmarks).astype(float)

@@ -32,7 +32,7 @@ _BLOBS = 5
 _NUM_FOLDS = 10
 
 
-class _Identity:
+class Identity:
     """One identity's smooth pattern, rendered at any small shift, brightness and noise level."""
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -64,14 +64,15 @@ class _Identity:
         return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _jpeg(image: np.ndarray, quality: int) -> bytes:
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of a uint8 HxWx3 image."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
 def _pairs(
-    identities: list[_Identity], num_pairs: int, image_size: int, rng: np.random.Generator, quality: int
+    identities: list[Identity], num_pairs: int, image_size: int, rng: np.random.Generator, quality: int
 ) -> tuple[list[bytes], list[bool]]:
     """Render `num_pairs` pairs in 10 folds of (same pairs, then different pairs)."""
     images: list[bytes] = []
@@ -83,8 +84,8 @@ def _pairs(
             for _ in range(per_fold // 2):
                 a = int(rng.integers(n))
                 b = a if same else int((a + rng.integers(1, n)) % n)
-                images.append(_jpeg(identities[a].render(image_size, rng), quality))
-                images.append(_jpeg(identities[b].render(image_size, rng), quality))
+                images.append(encode_jpeg(identities[a].render(image_size, rng), quality))
+                images.append(encode_jpeg(identities[b].render(image_size, rng), quality))
                 issame.append(same)
     return images, issame
 
@@ -123,7 +124,7 @@ def write_dataset(
     folder.mkdir(parents=True, exist_ok=True)
     root = np.random.SeedSequence(seed)
     id_seed, train_seed, *target_seeds = root.spawn(2 + len(targets))
-    identities = [_Identity(np.random.default_rng(s)) for s in id_seed.spawn(num_identities)]
+    identities = [Identity(np.random.default_rng(s)) for s in id_seed.spawn(num_identities)]
 
     num_images = num_identities * images_per_identity
     id_start = num_images + 1
@@ -133,7 +134,7 @@ def write_dataset(
         key = 1
         for label, identity in enumerate(identities):
             for _ in range(images_per_identity):
-                jpeg = _jpeg(identity.render(image_size, rng), jpeg_quality)
+                jpeg = encode_jpeg(identity.render(image_size, rng), jpeg_quality)
                 writer.write(key, recordio.pack_record(label, jpeg, id=key))
                 key += 1
         for label in range(num_identities):

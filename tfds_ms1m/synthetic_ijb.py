@@ -77,7 +77,7 @@ def write_ijb(
     os.makedirs(os.path.join(root, "loose_crop"), exist_ok=True)
     os.makedirs(os.path.join(root, "meta"), exist_ok=True)
     identity_seed, image_seed, pair_seed = np.random.SeedSequence(seed).spawn(3)
-    identities = [synthetic._Identity(np.random.default_rng(s)) for s in identity_seed.spawn(num_subjects)]
+    identities = [synthetic.Identity(np.random.default_rng(s)) for s in identity_seed.spawn(num_subjects)]
     rng = np.random.default_rng(image_seed)
     media_lines, landmark_lines, subject_templates = [], [], []
     template_id, image_id = 1, 1
@@ -89,7 +89,7 @@ def write_ijb(
                 name = f"{image_id}.jpg"
                 crop, landmarks = _loose_crop(identity, rng, crop_size)
                 with open(os.path.join(root, "loose_crop", name), "wb") as file:
-                    file.write(synthetic._jpeg(crop, 95))
+                    file.write(synthetic.encode_jpeg(crop, 95))
                 media_lines.append(f"{name} {template_id} {rng.choice(medias)}\n")
                 points = " ".join(f"{value:.4f}" for value in landmarks.ravel())
                 landmark_lines.append(f"{name} {points} {rng.uniform(0.6, 1.0):.6f}\n")

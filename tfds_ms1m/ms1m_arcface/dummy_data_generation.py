@@ -16,9 +16,9 @@ def main() -> None:
     """Write the dummy insightface folder used by the builder test."""
     synthetic.write_dataset(DUMMY_DATA, 3, 2, image_size=8, targets=(), seed=0, jpeg_quality=50)
     rng = np.random.default_rng(0)
-    identities = [synthetic._Identity(np.random.default_rng(i)) for i in range(2)]
+    identities = [synthetic.Identity(np.random.default_rng(i)) for i in range(2)]
     for target in ("lfw", "cfp_fp"):
-        images = [synthetic._jpeg(identities[i].render(8, rng), 50) for i in (0, 0, 0, 1)]
+        images = [synthetic.encode_jpeg(identities[i].render(8, rng), 50) for i in (0, 0, 0, 1)]
         binpack.write_bin(DUMMY_DATA / f"{target}.bin", images, [True, False])
 
 
