@@ -7,9 +7,15 @@ import textwrap
 from pathlib import Path
 
 import keras
+import pytest
+import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = REPO / "tests" / "workers"
+
+# For tests of what happens where TensorFlow sees no GPU (device "auto" means the CPU there).
+without_gpu = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
+                                 reason="asserts the behaviour of a host without a GPU")
 
 
 def repo_env(**extra: str) -> dict[str, str]:

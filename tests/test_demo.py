@@ -24,9 +24,22 @@ def _run_demo(tmp_path, capsys, *flags):
 
 
 def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    import keras
+    import numpy as np
+
+    from faceid_keras import embedding, packs
+
     same, different, lfw = _run_demo(tmp_path, capsys, "--quick")
     assert len(lfw) == 2
-    assert -1 <= different <= 1 and -1 <= same <= 1
+    # The similarities printed are the reloaded model's on lfw's first same and different pairs.
+    model = keras.models.load_model(tmp_path / "model" / "embedding.keras")
+    images, issame = packs.load_bin(tmp_path / "faces_synthetic" / "lfw.bin")
+    first_same, first_different = int(np.flatnonzero(issame)[0]), int(np.flatnonzero(~issame)[0])
+    faces = np.concatenate([images[2 * first_same:2 * first_same + 2],
+                            images[2 * first_different:2 * first_different + 2]])
+    embeddings = embedding.embed(model, faces)
+    assert same == pytest.approx(float(embeddings[0] @ embeddings[1]), abs=1e-3)
+    assert different == pytest.approx(float(embeddings[2] @ embeddings[3]), abs=1e-3)
 
 
 @pytest.mark.slow

@@ -1,9 +1,4 @@
 """ArcFaceModel: learning with fit, saving and reloading in a fresh process, mixed precision, replicas."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -11,26 +6,7 @@ import tensorflow as tf
 
 import faceid_keras
 from faceid_keras import ArcFaceModel
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_python(code: str, cwd) -> str:
-    """Runs code in a fresh interpreter (new TF runtime, nothing registered in advance)."""
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
-
-
-def dense_backbone(input_shape=(8, 8, 3), size=8, regularizer=None):
-    images = keras.Input(input_shape)
-    x = keras.layers.Flatten()(images)
-    x = keras.layers.Dense(size, kernel_regularizer=regularizer)(x)
-    return keras.Model(images, x, name="user_backbone")
-
+from helpers import dense_backbone, run_code
 
 def separable_data(num_classes=4, per_class=8, size=32, seed=0):
     """Distinct fixed patterns per class plus noise, as uint8 pixels like decoded faces."""
@@ -149,7 +125,7 @@ def test_save_and_load_in_fresh_process(tmp_path, trained):
         model.embedding_model().save(tmp_path / f"{name}_embedding.keras")
     np.save(tmp_path / "images.npy", images)
     np.save(tmp_path / "labels.npy", labels)
-    out = run_python(
+    out = run_code(
         """
         import keras, numpy as np
         import faceid_keras
@@ -186,7 +162,7 @@ def test_embedding_model_exports_saved_model(tmp_path):
 
 
 def test_two_replicas_step_like_one(tmp_path):
-    out = run_python(
+    out = run_code(
         """
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -228,7 +204,7 @@ def test_two_replicas_step_like_one(tmp_path):
 def test_sync_batch_norm_makes_two_replicas_step_like_one(tmp_path):
     """With `sync_batch` the BatchNorm statistics span the global batch, so 2 replicas train like 1;
     plain `batch` normalises each replica's half and ends elsewhere."""
-    out = run_python(
+    out = run_code(
         """
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]

@@ -120,6 +120,11 @@ def test_import_equals_onnxruntime_and_the_original_weights(insightface_onnx, tm
     original = _normalised(backbone.predict(images / 127.5 - 1.0, verbose=0))
     np.testing.assert_allclose(actual, original, atol=2e-5)
     assert [layer.name for layer in loaded.layers] == ["images", "pixel_scaling", "iresnet18", "l2_normalize"]
+    # `faceid train --init_from imported.keras` starts from this backbone, weights and all.
+    from faceid_keras import finetune
+
+    start = finetune.load_backbone(str(saved))
+    np.testing.assert_allclose(_normalised(start.predict(images / 127.5 - 1.0, verbose=0)), actual, atol=2e-5)
 
 
 def test_import_refuses_other_graphs(tmp_path):

@@ -1,9 +1,4 @@
 """Partial FC: the sampled margin head against the full head, sparse updates, learning, replicas."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -11,14 +6,7 @@ import tensorflow as tf
 
 from faceid_keras import ArcFaceModel, compat
 from faceid_keras.heads import MarginHead
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def dense_backbone(size=8, input_shape=(8, 8, 3)):
-    images = keras.Input(input_shape)
-    x = keras.layers.Flatten()(images)
-    return keras.Model(images, keras.layers.Dense(size)(x))
+from helpers import dense_backbone, run_code
 
 
 def sampled_head(num_classes, sample_rate, dim=8, seed=0):
@@ -134,7 +122,7 @@ def test_tiny_model_learns_with_half_the_centres():
     labels = np.repeat(np.arange(16), 4).astype("int32")
     images = patterns[labels] + 0.2 * rng.normal(size=(64, 8, 8, 3))
     images = np.clip((images + 1.0) * 127.5, 0, 255).astype("float32")
-    model = ArcFaceModel(dense_backbone(16), num_classes=16, margin="cosface", scale=16.0,
+    model = ArcFaceModel(dense_backbone(size=16), num_classes=16, margin="cosface", scale=16.0,
                          weight_decay=0.0, sample_rate=0.5)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
     history = model.fit(images, labels, batch_size=8, epochs=12, verbose=0).history
@@ -194,7 +182,4 @@ def test_two_replicas_sample_the_same_centres_and_step_like_one(tmp_path):
         assert set(labels.tolist()) <= set(moved.tolist()) and len(moved) < 100, moved
         print("replicas agree", one[2])
         """
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "replicas agree" in result.stdout, result.stderr[-4000:]
+    assert "replicas agree" in run_code(code, cwd=tmp_path)

@@ -11,7 +11,7 @@ import tensorflow as tf
 from callbacks import BroadcastInitialWeights, LossScaleMonitor, for_placement
 from faceid_keras import compat
 from faceid_keras.placement import AscendPlacement, Placement, StrategyPlacement
-from helpers import run_worker
+from helpers import run_worker, without_gpu
 
 FAKE_NPU = Path(__file__).resolve().parent / "fake_npu_device"
 
@@ -63,6 +63,7 @@ def test_cpu_fp32_is_plain_keras():
     assert placement.device_names == ("/cpu:0",)
 
 
+@without_gpu
 def test_auto_without_npu_or_gpu_is_cpu():
     assert Placement.create().device == "cpu"
 
@@ -109,7 +110,7 @@ def test_the_policy_holds_inside_scope_only():
     [
         ({"device": "tpu"}, ValueError),
         ({"precision": "float16"}, ValueError),
-        ({"device": "gpu"}, RuntimeError),
+        pytest.param({"device": "gpu"}, RuntimeError, marks=without_gpu),
         ({"device": "npu"}, RuntimeError),
     ],
 )
@@ -269,6 +270,7 @@ def test_faceid_train_on_two_npu_ranks_makes_the_npu_calls_in_order(fake_npu, mo
     assert os.path.exists(result.model_path) and os.path.exists(result.embedding_path)
 
 
+@without_gpu
 def test_npu_device_does_not_import_under_keras_3(monkeypatch):
     if not compat.KERAS_3:
         pytest.skip("Keras 2: npu_device imports")

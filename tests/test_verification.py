@@ -267,8 +267,12 @@ def test_load_targets_from_folder(pack_folder, tmp_path_factory):
 
 def test_verify_runs_embedding_and_protocol(pack_folder):
     folder, images, issame = pack_folder
-    result = embedding.verify(_tiny_model(), images, issame, batch_size=8)
-    assert result["pairs"] == 10 and 0.0 <= result["accuracy"] <= 1.0
+    model = _tiny_model()
+    result = embedding.verify(model, images, issame, batch_size=8)
+    embeddings = embedding.embed(model, images, batch_size=5)
+    expected = verification.evaluate(embeddings[0::2], embeddings[1::2], issame)
+    assert result["pairs"] == 10
+    assert result["accuracy"] == expected["accuracy"] and result["threshold"] == expected["threshold"]
     with pytest.raises(ValueError, match="Expected 20 images for 10 pairs"):
         embedding.verify(_tiny_model(), images[:18], issame)
 
