@@ -214,10 +214,7 @@ class ArcFaceModel(compat.BuiltInInitModel):
     def embedding_model(self) -> keras.Model:
         """A functional model [0, 255] pixel images -> L2-normalised float32 embeddings, without the
         class centres."""
-        images = keras.Input(self.image_shape, name="images")
-        embeddings = self.backbone(self.pixel_scaling(images))
-        embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(embeddings)
-        return keras.Model(images, embeddings, name=f"{self.backbone.name}_embedding")
+        return embedding_model(self.backbone)
 
     def get_config(self):
         config = super().get_config()
@@ -244,3 +241,11 @@ class ArcFaceModel(compat.BuiltInInitModel):
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
 
+
+def embedding_model(backbone: keras.Model) -> keras.Model:
+    """The serving model of a backbone: [0, 255] RGB pixels, scaled to [-1, 1] as insightface does,
+    -> L2-normalised float32 embeddings (layers images, pixel_scaling, the backbone, l2_normalize)."""
+    images = keras.Input(backbone.inputs[0].shape[1:], name="images")
+    pixels = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")(images)
+    embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(backbone(pixels))
+    return keras.Model(images, embeddings, name=f"{backbone.name}_embedding")

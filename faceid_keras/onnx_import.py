@@ -221,9 +221,8 @@ def _gemm(graph: _Graph, node, channels: int) -> dict:
 
 def load(path: str):
     """Reads `path` as an insightface IResNet ONNX model into our embedding model (not saved)."""
-    import keras
-
     from faceid_keras import backbones
+    from faceid_keras.model import embedding_model
 
     onnx = require("onnx", "Importing an ONNX model")
     size = os.path.getsize(path)
@@ -239,10 +238,7 @@ def load(path: str):
     )
     for name, values in weights.items():
         backbone.get_layer(name).set_weights(values)
-    images = keras.Input(backbone.inputs[0].shape[1:], name="images")
-    pixels = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")(images)
-    embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(backbone(pixels))
-    return keras.Model(images, embeddings, name=f"{backbone.name}_embedding"), config
+    return embedding_model(backbone), config
 
 
 def run(args: argparse.Namespace) -> int:
