@@ -4,7 +4,8 @@ Keras's `BackupAndRestore` (3.15) restores the weights, the optimizer and the ep
 interrupted epoch from its first batch (the saved batch index is never read), so a resumed run takes
 more steps than an uninterrupted one; and until the first epoch of a resumed run ends, its
 mid-epoch backups record epoch 0. `TrainingBackup` keeps the position as a count of batches trained
-(`step`), so the caller can skip exactly the batches already done, and writes every backup
+(`step`, read from its `GlobalStep`), so the caller can skip exactly the batches already done,
+and writes every backup
 atomically: a new weights file, then a `state.json` pointer to it swapped in with `os.replace`,
 so a kill at any moment leaves the previous complete backup in place.
 
@@ -29,6 +30,38 @@ from faceid_keras import compat
 STATE_FILE = "state.json"
 
 
+class GlobalStep(keras.callbacks.Callback):
+    """The number of batches trained in the whole run, across `fit` calls and resumes: the one step
+    count that the run's callbacks (TrainingBackup, StopOnNaN) read.
+
+    Keras hands `on_train_batch_end` the index of the last batch the call trained (one call trains
+    `steps_per_execution` batches), so the count is the step at the epoch's start plus that index
+    plus one, never an increment per call. Keras 3 reports a full call's index for an epoch's last,
+    shorter call too, hence the bound by the epoch's steps. Place it first in the callback list.
+    """
+
+    def __init__(self, step: int = 0):
+        super().__init__()
+        self.step = step
+        self._epoch_start = step
+        self._epoch_steps = None
+        self.in_fit = False
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.in_fit = True
+        self._epoch_steps = (self.params or {}).get("steps")
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = self.step
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        done = batch + 1 if self._epoch_steps is None else min(batch + 1, self._epoch_steps)
+        self.step = self._epoch_start + done
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.in_fit = False
+
+
 class TrainingBackup(keras.callbacks.Callback):
     """Backs up the model (weights and optimizer variables) every `save_freq` steps and at epoch ends.
 
@@ -36,7 +69,8 @@ class TrainingBackup(keras.callbacks.Callback):
     number of batches already trained; the run then resumes at epoch `step // steps_per_epoch`,
     batch `step % steps_per_epoch`. The backup folder is deleted once all `epochs` are done, and kept
     when training stops early (an error, a kill, or TerminateOnNaN) so the run can be resumed.
-    Place it last in the callback list, so an epoch's backup is written after its logs.
+    Its position is `global_step`, a `GlobalStep` callback: place that first in the callback list
+    and the backup last, so an epoch's backup is written after its logs.
     With `chief=False` (a worker other than the chief) it restores, counts steps and joins every
     save, but never writes or deletes `backup_dir`.
     """
@@ -58,7 +92,13 @@ class TrainingBackup(keras.callbacks.Callback):
         self.epochs = epochs
         self.save_freq = save_freq
         self.chief = bool(chief)
-        self.step = 0
+        self.global_step = GlobalStep()
+        self._boundary = 0
+
+    @property
+    def step(self) -> int:
+        """Batches trained so far in the run (its `global_step`'s count)."""
+        return self.global_step.step
 
     @property
     def total_steps(self) -> int:
@@ -99,14 +139,14 @@ class TrainingBackup(keras.callbacks.Callback):
         """Loads the newest backup into a compiled model; returns the batches already trained (0 if none)."""
         state = self.read_state()
         if state is None:
-            self.step = 0
+            self.global_step.step = 0
             return 0
         if model.optimizer is None:
             raise ValueError("Compile the model before restoring a backup into it.")
         with model.distribute_strategy.scope():  # the optimizer's variables belong to the strategy
             compat.build_optimizer(model.optimizer, model.trainable_variables)
         model.load_weights(state["weights"])
-        self.step = state["step"]
+        self.global_step.step = state["step"]
         return self.step
 
     def save(self) -> None:
@@ -150,10 +190,21 @@ class TrainingBackup(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         return not self.model.stop_training and (loss is None or bool(np.isfinite(loss)))
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.global_step.in_fit:
+            raise ValueError(
+                "TrainingBackup reads its position from `backup.global_step`: pass that callback to "
+                "`fit` too, first in the list (before the backup and every callback that reads the step)."
+            )
+        self._boundary = self.step // self.save_freq
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.step += 1
-        # The last batch of an epoch is backed up at the epoch end, after the epoch's logs.
-        if self.step % self.save_freq == 0 and self.step % self.steps_per_epoch and self._healthy(logs):
+        # A call of `steps_per_execution` batches may step over a multiple of `save_freq`: a backup
+        # is due whenever one was crossed. An epoch's last batch is backed up at the epoch end,
+        # after the epoch's logs.
+        boundary = self.step // self.save_freq
+        due, self._boundary = boundary > self._boundary, boundary
+        if due and self.step % self.steps_per_epoch and self._healthy(logs):
             self.save()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

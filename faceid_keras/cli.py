@@ -1,8 +1,8 @@
 """The `faceid` command line: demo, train, eval, calibrate, verify, embed, identify, pack, clean,
 export and import.
 
-TensorFlow's environment defaults (oneDNN on, quiet logs) are set by `faceid_keras/__init__.py`,
-which Python runs before this module.
+TensorFlow reads its environment flags (TF_ENABLE_ONEDNN_OPTS, TF_CPP_MIN_LOG_LEVEL) when it is
+imported, before this module runs, so they are the user's to export (see the README).
 """
 import argparse
 import sys

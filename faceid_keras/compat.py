@@ -18,6 +18,12 @@ import tensorflow as tf
 
 KERAS_3: bool = int(keras.__version__.split(".")[0]) >= 3
 
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        f"faceid_keras runs on Keras's TensorFlow backend; this process uses {keras.backend.backend()!r} "
+        "(from KERAS_BACKEND or ~/.keras/keras.json). Set KERAS_BACKEND=tensorflow."
+    )
+
 # `add_weight` keyword that keeps a variable float32 when read under a mixed precision policy.
 NO_AUTOCAST: dict[str, bool] = {"autocast": False} if KERAS_3 else {"experimental_autocast": False}
 

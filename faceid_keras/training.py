@@ -310,8 +310,8 @@ def train(config: TrainConfig) -> TrainResult:
     sources = list(dict.fromkeys([data_dir, config.data_path]))
     targets = load_verification_targets(sources, config.targets, image_size) if config.targets else {}
 
-    stop_on_nan = StopOnNaN(steps_per_epoch, first_step=step)
-    callbacks = [*for_placement(placement), stop_on_nan, ThroughputLogger(global_batch)]
+    stop_on_nan = StopOnNaN(steps_per_epoch, backup.global_step)
+    callbacks = [backup.global_step, *for_placement(placement), stop_on_nan, ThroughputLogger(global_batch)]
     if config.freeze_backbone_epochs:
         callbacks.append(finetune.FreezeBackbone(config.freeze_backbone_epochs, config.freeze_bn))
     if targets:

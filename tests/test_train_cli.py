@@ -11,7 +11,7 @@ import pytest
 
 from callbacks import StopOnNaN
 from faceid_keras import cli, compat, prepare, schedules, train, training
-from faceid_keras.backup import TrainingBackup
+from faceid_keras.backup import GlobalStep, TrainingBackup
 from helpers import REPO
 
 TINY = ["--backbone", "iresnet18", "--embedding_size", "16", "--batch_size", "8", "--verbose", "2"]
@@ -75,9 +75,9 @@ def test_learning_rate_schedules_follow_the_flags():
     assert [float(step(s)) for s in (19, 20, 30)] == pytest.approx([0.1, 0.05, 0.025])
 
 
-def _toy_model():
+def _toy_model(steps_per_execution=1):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse")
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse", steps_per_execution=steps_per_execution)
     return model
 
 
@@ -85,9 +85,10 @@ def test_stop_on_nan_names_epoch_batch_and_step(capsys):
     x = np.ones((8, 4), "float32")
     x[6] = np.nan  # batch 3 of epoch 2 (batches of 2, 4 per epoch)
     model = _toy_model()
-    guard = StopOnNaN(steps_per_epoch=4, first_step=4)
+    step = GlobalStep(4)
+    guard = StopOnNaN(steps_per_epoch=4, global_step=step)
     model.fit(x, np.ones((8, 2)), batch_size=2, epochs=2, initial_epoch=1, shuffle=False,
-              callbacks=[guard], verbose=0)
+              callbacks=[step, guard], verbose=0)
     assert guard.stopped_at == {"epoch": 2, "batch": 4, "step": 8}
     assert "in epoch 2, batch 4 of 4 (global step 8)" in capsys.readouterr().out
 
@@ -96,7 +97,7 @@ def test_backup_restores_weights_optimizer_and_step(tmp_path):
     model = _toy_model()
     backup = TrainingBackup(tmp_path / "backup", steps_per_epoch=4, epochs=3, save_freq=3)
     model.fit(np.ones((16, 4)), np.ones((16, 2)), batch_size=2, epochs=1, steps_per_epoch=7,
-              callbacks=[backup], verbose=0)
+              callbacks=[backup.global_step, backup], verbose=0)
     state = backup.read_state()
     assert (state["step"], state["epoch"], state["batch"]) == (7, 1, 3)  # saved at steps 3, 6 and 7
     files = sorted(os.listdir(tmp_path / "backup"))
@@ -115,10 +116,26 @@ def test_backup_restores_weights_optimizer_and_step(tmp_path):
         TrainingBackup(tmp_path / "backup", 5, 3, 3).restore(_toy_model())
 
 
+def test_one_global_step_counts_batches_under_steps_per_execution(tmp_path):
+    # Calls of 3 batches over epochs of 4: batches end at steps 3, 4 | 7, 8. A count per call
+    # would say 4; a backup every 2 steps is due at 3 (2 was crossed) and 7, and at each epoch end.
+    model = _toy_model(steps_per_execution=3)
+    backup = TrainingBackup(tmp_path / "backup", steps_per_epoch=4, epochs=3, save_freq=2)
+    seen = []
+    log = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(backup.step))
+    model.fit(np.ones((8, 4)), np.ones((8, 2)), batch_size=2, epochs=2, callbacks=[backup.global_step, log, backup],
+              verbose=0)
+    assert seen == [3, 4, 7, 8]
+    assert backup.read_state()["step"] == 8 and int(model.optimizer.iterations) == 8
+    with pytest.raises(ValueError, match="global_step"):
+        _toy_model().fit(np.ones((4, 4)), np.ones((4, 2)), batch_size=2, callbacks=[backup], verbose=0)
+
+
 def test_backup_of_a_non_chief_worker_restores_but_never_writes(tmp_path):
     chief = _toy_model()
+    backup = TrainingBackup(tmp_path / "backup", steps_per_epoch=4, epochs=3, save_freq=3)
     chief.fit(np.ones((10, 4)), np.ones((10, 2)), batch_size=2, epochs=1, verbose=0,
-              callbacks=[TrainingBackup(tmp_path / "backup", steps_per_epoch=4, epochs=3, save_freq=3)])
+              callbacks=[backup.global_step, backup])
     worker = _toy_model()
     other = TrainingBackup(tmp_path / "backup", 4, 3, 3, chief=False)
     assert other.restore(worker) == 5
@@ -126,7 +143,8 @@ def test_backup_of_a_non_chief_worker_restores_but_never_writes(tmp_path):
         np.testing.assert_array_equal(restored.numpy(), expected.numpy())
     before = sorted(os.listdir(tmp_path / "backup"))
     # A chief would back up at steps 6 and 9 and delete the folder at the end (step 12).
-    worker.fit(np.ones((14, 4)), np.ones((14, 2)), batch_size=2, epochs=1, callbacks=[other], verbose=0)
+    worker.fit(np.ones((14, 4)), np.ones((14, 2)), batch_size=2, epochs=1, callbacks=[other.global_step, other],
+               verbose=0)
     assert other.step == other.total_steps == 12
     assert sorted(os.listdir(tmp_path / "backup")) == before and other.read_state()["step"] == 5
     empty = TrainingBackup(tmp_path / "none", 4, 3, 3, chief=False)
