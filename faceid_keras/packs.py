@@ -1,5 +1,8 @@
 """Verification packs: insightface `.bin` files or the built ms1m_arcface/verification tfds config,
 read into (uint8 images [2N, H, W, 3], bool issame [N]) with the decoded size bounded.
+
+Dataset inputs are reached through `etils.epath`, the file layer tensorflow-datasets and tfds_ms1m
+use, so a pack folder may be local or remote (gs://...) like the data it comes with.
 """
 from __future__ import annotations
 
@@ -124,16 +127,17 @@ def load_tfds_split(builder_dir: str, name: str, image_size: tuple[int, int] | N
 
 def available_targets(data_path: str | os.PathLike) -> list[str]:
     """Names of the verification packs under a tfds data dir or an insightface folder."""
-    import tensorflow as tf
+    from etils import epath
 
     builder_dir = _tfds_verification_dir(data_path)
     if builder_dir is not None:
         import tensorflow_datasets as tfds
 
         return sorted(tfds.builder_from_directory(builder_dir).info.splits)
-    if not tf.io.gfile.isdir(os.fspath(data_path)):
+    folder = epath.Path(data_path)
+    if not folder.is_dir():
         raise FileNotFoundError(f"{data_path}: no such directory.")
-    return sorted(n[: -len(".bin")] for n in tf.io.gfile.listdir(os.fspath(data_path)) if n.endswith(".bin"))
+    return sorted(path.stem for path in folder.iterdir() if path.name.endswith(".bin"))
 
 
 def load_targets(
