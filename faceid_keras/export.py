@@ -32,15 +32,13 @@ class ExportError(ValueError):
 def embedding_parts(model, source: str):
     """(embedding model [0, 255] pixels -> normalised embedding, backbone [-1, 1] pixels -> raw
     embedding) of an ArcFaceModel or of the embedding model it saves."""
-    import keras
-
-    from faceid_keras.model import ArcFaceModel
+    from faceid_keras.model import ArcFaceModel, backbone_of
 
     if isinstance(model, ArcFaceModel):
         return model.embedding_model(), model.backbone
-    names = {layer.name: layer for layer in getattr(model, "layers", [])}
-    backbones = [layer for layer in names.values() if isinstance(layer, keras.Model)]
-    if "pixel_scaling" not in names or "l2_normalize" not in names or len(backbones) != 1:
+    names = {layer.name for layer in getattr(model, "layers", [])}
+    backbone = backbone_of(model)
+    if "pixel_scaling" not in names or "l2_normalize" not in names or backbone is None:
         raise ExportError(
             f"{source}: expected an ArcFaceModel or its embedding_model() (pixel_scaling, a backbone, "
             f"l2_normalize); found layers {sorted(names)}."
@@ -48,7 +46,7 @@ def embedding_parts(model, source: str):
     shape = model.inputs[0].shape
     if len(shape) != 4 or shape[1] is None or shape[2] is None:
         raise ExportError(f"{source}: the export needs a fixed input size, the model takes {tuple(shape)}.")
-    return model, backbones[0]
+    return model, backbone
 
 
 def stored_threshold(model_path: str) -> dict | None:

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from faceid_keras import data
-from faceid_keras.model import ArcFaceModel
+from faceid_keras.model import ArcFaceModel, backbone_of
 
 
 class InitFromError(ValueError):
@@ -23,16 +23,15 @@ class InitFromError(ValueError):
 def load_backbone(path: str) -> keras.Model:
     """The backbone (pixels scaled to [-1, 1] -> raw embedding) of a saved ArcFaceModel or embedding model."""
     model = keras.models.load_model(path)
-    if isinstance(model, ArcFaceModel):
-        return model.backbone
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if len(nested) != 1:
+    backbone = backbone_of(model)
+    if backbone is None:
+        nested = sum(isinstance(layer, keras.Model) for layer in model.layers)
         raise InitFromError(
             f"{path}: expected an ArcFaceModel or an embedding model holding one backbone model "
-            f"(as ArcFaceModel.embedding_model() saves it); found {len(nested)} nested models in "
+            f"(as ArcFaceModel.embedding_model() saves it); found {nested} nested models in "
             f"{type(model).__name__} {model.name!r}."
         )
-    return nested[0]
+    return backbone
 
 
 def check_image_size(backbone: keras.Model, image_size: tuple[int, int], path: str) -> None:

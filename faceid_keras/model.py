@@ -249,3 +249,12 @@ def embedding_model(backbone: keras.Model) -> keras.Model:
     pixels = keras.layers.Rescaling(2.0 / 255.0, offset=-1.0, name="pixel_scaling")(images)
     embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(backbone(pixels))
     return keras.Model(images, embeddings, name=f"{backbone.name}_embedding")
+
+
+def backbone_of(model: keras.Model) -> keras.Model | None:
+    """The backbone of an ArcFaceModel, or of a model holding exactly one nested model (the
+    embedding model `embedding_model()` builds); None for any other model."""
+    if isinstance(model, ArcFaceModel):
+        return model.backbone
+    nested = [layer for layer in getattr(model, "layers", []) if isinstance(layer, keras.Model)]
+    return nested[0] if len(nested) == 1 else None
