@@ -4,6 +4,7 @@ from __future__ import annotations
 import keras
 
 from faceid_keras import compat
+from faceid_keras.backup import batches_done
 
 
 class LossScaleMonitor(keras.callbacks.Callback):
@@ -66,7 +67,7 @@ class LossScaleMonitor(keras.callbacks.Callback):
         self._epoch_first_step = self._steps
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps = self._epoch_first_step + batch + 1
+        self._steps = self._epoch_first_step + batches_done(batch, self.params)
         kind, optimizer = self._optimizer()
         if kind == "npu" and not bool(compat.to_numpy(optimizer.last_step_finite)):
             self.skipped_steps += 1

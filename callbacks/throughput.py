@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import keras
 
+from faceid_keras.backup import batches_done
+
 
 class ThroughputLogger(keras.callbacks.Callback):
     """Writes `images_per_second` into each epoch's logs and prints a summary when training ends.
@@ -40,10 +42,10 @@ class ThroughputLogger(keras.callbacks.Callback):
         self._last_call = None
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
+        now, done = time.perf_counter(), batches_done(batch, self.params)
         if self._first_call is None:
-            self._first_call = (batch + 1, now)
-        self._last_call = (batch + 1, now)
+            self._first_call = (done, now)
+        self._last_call = (done, now)
 
     def on_epoch_end(self, epoch, logs=None):
         if self._last_call is None:

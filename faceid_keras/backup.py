@@ -30,33 +30,39 @@ from faceid_keras import compat
 STATE_FILE = "state.json"
 
 
+def batches_done(batch: int, params: dict | None) -> int:
+    """Batches of the epoch trained once the `fit` call that Keras reports as `batch` has run.
+
+    Keras hands `on_train_batch_end` the index of the last batch of the call (one call trains
+    `steps_per_execution` batches); Keras 3 reports a full call's index for an epoch's last,
+    shorter call too, hence the bound by the epoch's steps (`params["steps"]`).
+    """
+    steps = (params or {}).get("steps")
+    return batch + 1 if steps is None else min(batch + 1, steps)
+
+
 class GlobalStep(keras.callbacks.Callback):
     """The number of batches trained in the whole run, across `fit` calls and resumes: the one step
     count that the run's callbacks (TrainingBackup, StopOnNaN) read.
 
-    Keras hands `on_train_batch_end` the index of the last batch the call trained (one call trains
-    `steps_per_execution` batches), so the count is the step at the epoch's start plus that index
-    plus one, never an increment per call. Keras 3 reports a full call's index for an epoch's last,
-    shorter call too, hence the bound by the epoch's steps. Place it first in the callback list.
+    It is the step at the epoch's start plus `batches_done`, never an increment per call, so it is
+    right with `steps_per_execution` > 1. Place it first in the callback list.
     """
 
     def __init__(self, step: int = 0):
         super().__init__()
         self.step = step
         self._epoch_start = step
-        self._epoch_steps = None
         self.in_fit = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.in_fit = True
-        self._epoch_steps = (self.params or {}).get("steps")
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_start = self.step
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        done = batch + 1 if self._epoch_steps is None else min(batch + 1, self._epoch_steps)
-        self.step = self._epoch_start + done
+        self.step = self._epoch_start + batches_done(batch, self.params)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.in_fit = False

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from callbacks import StopOnNaN
+from callbacks import StopOnNaN, ThroughputLogger
 from faceid_keras import cli, compat, prepare, schedules, train, training
 from faceid_keras.backup import GlobalStep, TrainingBackup
 from helpers import REPO
@@ -123,9 +123,10 @@ def test_one_global_step_counts_batches_under_steps_per_execution(tmp_path):
     backup = TrainingBackup(tmp_path / "backup", steps_per_epoch=4, epochs=3, save_freq=2)
     seen = []
     log = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(backup.step))
-    model.fit(np.ones((8, 4)), np.ones((8, 2)), batch_size=2, epochs=2, callbacks=[backup.global_step, log, backup],
-              verbose=0)
-    assert seen == [3, 4, 7, 8]
+    throughput = ThroughputLogger(batch_size=2, print_fn=lambda text: None)
+    model.fit(np.ones((8, 4)), np.ones((8, 2)), batch_size=2, epochs=2,
+              callbacks=[backup.global_step, log, throughput, backup], verbose=0)
+    assert seen == [3, 4, 7, 8] and throughput.summary["images"] == 16
     assert backup.read_state()["step"] == 8 and int(model.optimizer.iterations) == 8
     with pytest.raises(ValueError, match="global_step"):
         _toy_model().fit(np.ones((4, 4)), np.ones((4, 2)), batch_size=2, callbacks=[backup], verbose=0)
