@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from tfds_ms1m import binpack, landmarks as landmark_files, recordio
+from tfds_ms1m import binpack, insightface_folder, landmarks as landmark_files, recordio, recordio_writer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 JPEG_QUALITY = 95
@@ -298,7 +298,7 @@ def _write_train(
     labelled: list[str] = []
     key, current = 1, -1
     bar = _progress(total, progress)
-    with recordio.RecordWriter(outputs.path("train.rec"), outputs.path("train.idx")) as writer:
+    with recordio_writer.RecordWriter(outputs.path("train.rec"), outputs.path("train.idx")) as writer:
         for index, prepared in ordered_map(prepare, tasks(), workers):
             bar.update(1)
             if prepared.jpeg is None:
@@ -319,7 +319,7 @@ def _write_train(
         for label, (start, end) in enumerate(ranges):
             writer.write(id_start + label, recordio.pack_record([start, end], b"", id=id_start + label))
         writer.write(0, recordio.pack_record([id_start, id_start + len(labelled)], b"", id=0))
-    recordio.write_property(outputs.path("property"), len(labelled), image_size, image_size)
+    insightface_folder.write_property(outputs.path("property"), len(labelled), image_size, image_size)
     with open(outputs.path(IDENTITIES_FILE), "w", encoding="utf-8") as f:
         f.writelines(f"{label}\t{name}\n" for label, name in enumerate(labelled))
     summary.images, summary.identities = key - 1, len(labelled)
