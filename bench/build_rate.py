@@ -1,14 +1,14 @@
 """Build rate of `ms1m_arcface` against plain sequential reading of the same `.rec`.
 
-Writes a synthetic insightface folder, then in the same run measures, best of `--rounds`:
-(1) a plain sequential read of the whole `train.rec` (8 MB reads), (2) `recordio.iter_images` over
-every image record (our reader, the same block reads the builder uses), (3) the tfds build of the
-`train` config in this process (what `tfds build` does, minus interpreter start-up; wall and CPU
-time), and once (4) the same build as a Beam pipeline on `--beam_workers` local worker processes.
-It prints images/s, MB/s and each rate as a fraction of the plain read, then the share of each
-step of one single-process build under cProfile (which slows Python-heavy code most, so shares
-are approximate), so the step that bounds the build is visible. The `.rec` is in the page cache
-throughout, so the ratios show the CPU cost each stage adds on top of reading. Timings on a
+Writes a synthetic insightface folder, then in the same run measures, best of `--rounds`: (1) a
+plain sequential read of the whole `train.rec` (8 MB reads), (2) `insightface_folder.iter_images`
+over every image record (our reader, the same block reads the builder uses), (3) the tfds build of
+the `train` config in this process (what `tfds build` does, minus interpreter start-up; wall and
+CPU time), and once (4) the same build as a Beam pipeline on `--beam_workers` local worker
+processes. It prints images/s, MB/s and each rate as a fraction of the plain read, then the share
+of each step of one single-process build under cProfile (which slows Python-heavy code most, so
+shares are approximate), so the step that bounds the build is visible. The `.rec` is in the page
+cache throughout, so the ratios show the CPU cost each stage adds on top of reading. Timings on a
 shared machine are noisy: the CPU column is steadier than wall time.
 
     python bench/build_rate.py --identities 100 --images 150 --image_size 112
@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow_datasets as tfds  # noqa: E402
 
 import tfds_ms1m  # noqa: E402,F401  (registers ms1m_arcface)
-from tfds_ms1m import recordio, synthetic  # noqa: E402
+from tfds_ms1m import insightface_folder, synthetic  # noqa: E402
 
 
 def _best(fn, rounds: int) -> tuple[float, float]:
@@ -101,7 +101,7 @@ def main() -> None:
                     pass
 
         def reader() -> None:
-            count = sum(1 for _ in recordio.iter_images(folder))
+            count = sum(1 for _ in insightface_folder.iter_images(folder))
             assert count == n, (count, n)
 
         builds = iter(range(args.rounds))
@@ -110,7 +110,7 @@ def main() -> None:
         _build(tiny, os.path.join(work, "warm"))
         rows = [
             ("plain sequential read of train.rec", _best(plain_read, args.rounds)),
-            ("recordio.iter_images (our reader)", _best(reader, args.rounds)),
+            ("iter_images (our reader)", _best(reader, args.rounds)),
             ("tfds build, 1 process", _best(
                 lambda: _build(folder, os.path.join(work, f"build{next(builds)}")), args.rounds)),
         ]

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from faceid_keras.argtypes import positive_int
-from tfds_ms1m import recordio
+from tfds_ms1m import insightface_folder, recordio, recordio_writer
 
 
 class CleanError(ValueError):
@@ -27,7 +27,7 @@ class CleanError(ValueError):
 
 def _batches(folder: str, size: int) -> Iterator[tuple[list[int], np.ndarray, list[bytes]]]:
     keys, labels, images = [], [], []
-    for key, label, image in recordio.iter_images(folder):
+    for key, label, image in insightface_folder.iter_images(folder):
         keys.append(key)
         labels.append(label)
         images.append(image)
@@ -89,7 +89,7 @@ def write_clean_folder(source: str, output: str, keys: np.ndarray, labels: np.nd
     id_start = len(keys) + 1
     starts = 1 + np.searchsorted(new_labels, np.arange(len(classes) + 1))
     with recordio.RecordReader(os.path.join(source, "train.rec"), os.path.join(source, "train.idx")) as reader, \
-            recordio.RecordWriter(os.path.join(output, "train.rec"), os.path.join(output, "train.idx")) as writer:
+            recordio_writer.RecordWriter(os.path.join(output, "train.rec"), os.path.join(output, "train.idx")) as writer:
         writer.write(0, recordio.pack_record([id_start, id_start + len(classes)], b"", id=0))
         for chunk in range(0, len(keys), 4096):
             records = reader.read_many(keys[chunk : chunk + 4096])
@@ -98,7 +98,7 @@ def write_clean_folder(source: str, output: str, keys: np.ndarray, labels: np.nd
                 writer.write(new_key, recordio.pack_record(int(new_labels[new_key - 1]), image, id=new_key))
         for new in range(len(classes)):
             writer.write(id_start + new, recordio.pack_record([starts[new], starts[new + 1]], b"", id=id_start + new))
-    recordio.write_property(os.path.join(output, "property"), len(classes), *size)
+    insightface_folder.write_property(os.path.join(output, "property"), len(classes), *size)
     for name in sorted(os.listdir(source)):
         if name.endswith(".bin"):
             shutil.copyfile(os.path.join(source, name), os.path.join(output, name))
@@ -115,7 +115,7 @@ def clean(model_path: str, data_path: str, output: str, max_angle: float = 75.0,
         raise CleanError(f"{output}: exists and is not empty; give a new folder for the cleaned data")
     if os.path.abspath(output) == os.path.abspath(data_path):
         raise CleanError(f"{output}: the output must differ from --data_path")
-    num_classes, height, width = recordio.read_property(os.path.join(data_path, "property"))
+    num_classes, height, width = insightface_folder.read_property(os.path.join(data_path, "property"))
     model = keras.models.load_model(model_path)
     head = getattr(model, "head", None)
     if head is None or not hasattr(head, "subcenters"):

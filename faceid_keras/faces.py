@@ -57,7 +57,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def gallery_files(image_tree: str) -> tuple[list[str], list[str]]:
     """(relative image paths, identity of each) of an image tree laid out as `faceid pack` reads it."""
-    from tfds_ms1m.pack import identity_files, identity_folders
+    from tfds_ms1m.image_tree import identity_files, identity_folders
 
     paths, labels = [], []
     for identity in identity_folders(image_tree):
@@ -71,7 +71,7 @@ def run_embed(args: argparse.Namespace) -> int:
     """Embeds every image of the tree in batches and writes the gallery `.npz`."""
     from tqdm import tqdm
 
-    from tfds_ms1m.pack import ordered_map
+    from tfds_ms1m.parallel import ordered_map
 
     verifier = FaceVerifier.load(args.model, batch_size=args.batch_size)
     paths, labels = gallery_files(args.image_tree)

@@ -36,10 +36,10 @@ def tfds_data_dir(synthetic_folder, tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_image_tree(synthetic_folder, tmp_path_factory):
     """`synthetic_folder`'s training images as files: <tree>/id_<label>/<key>.jpg (8 x 6, 32x32 JPEG)."""
-    from tfds_ms1m import recordio
+    from tfds_ms1m import insightface_folder
 
     tree = tmp_path_factory.mktemp("image_tree")
-    for key, label, image in recordio.iter_images(synthetic_folder):
+    for key, label, image in insightface_folder.iter_images(synthetic_folder):
         folder = tree / f"id_{label}"
         folder.mkdir(exist_ok=True)
         (folder / f"{key:03d}.jpg").write_bytes(image)

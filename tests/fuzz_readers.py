@@ -15,7 +15,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tfds_ms1m import binpack, recordio, synthetic
+from tfds_ms1m import binpack, insightface_folder, synthetic
 
 _EXTREMES = [0, 1, 2, 255, 2**29 - 1, 2**31 - 1, 2**32 - 1, 2**40, 2**63 - 1, 2**64 - 1,
              0x7F800000, 0xFF800000, 0x7FC00000]
@@ -125,13 +125,13 @@ class Campaign:
             shutil.copytree(folder, case_dir)
             (case_dir / name).write_bytes(mutate((folder / name).read_bytes(), mutations))
             try:
-                records = list(recordio.iter_images(case_dir))
+                records = list(insightface_folder.iter_images(case_dir))
                 assert all(isinstance(c, int) and isinstance(b, bytes) for _, c, b in records)
             except errors:
                 pass
             try:
                 num_classes = builder.check_train_folder(case_dir)
-                assert 0 < num_classes <= recordio.MAX_CLASSES
+                assert 0 < num_classes <= insightface_folder.MAX_CLASSES
             except errors:
                 pass
 

@@ -70,15 +70,15 @@ def read(reader: str, path: str, **kwargs):
         assert images.dtype == "uint8" and images.ndim == 4 and len(images) == 2 * len(issame)
         return images, issame
     if reader == "iter_images":
-        from tfds_ms1m import recordio
+        from tfds_ms1m import insightface_folder
 
-        records = list(recordio.iter_images(path))
+        records = list(insightface_folder.iter_images(path))
         assert all(isinstance(k, int) and isinstance(c, int) and isinstance(b, bytes) for k, c, b in records)
         return [b for _, _, b in records]
     if reader == "read_property":
-        from tfds_ms1m import recordio
+        from tfds_ms1m import insightface_folder
 
-        return recordio.read_property(path)
+        return insightface_folder.read_property(path)
     if reader == "check_train_folder":
         from tfds_ms1m.ms1m_arcface import ms1m_arcface_dataset_builder as builder
 

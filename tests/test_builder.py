@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import tfds_ms1m
-from tfds_ms1m import binpack, recordio, synthetic
+from tfds_ms1m import binpack, insightface_folder, recordio, recordio_writer, synthetic
 from tfds_ms1m.ms1m_arcface import ms1m_arcface_dataset_builder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tfds_ms1m.__file__)))
@@ -52,7 +52,7 @@ def _raw_train(data_dir):
 
 
 def _source_train(folder):
-    return sorted((jpeg, label) for _, label, jpeg in recordio.iter_images(folder))
+    return sorted((jpeg, label) for _, label, jpeg in insightface_folder.iter_images(folder))
 
 
 def test_fixture_dataset_matches_source(tfds_data_dir, synthetic_folder):
@@ -121,17 +121,17 @@ def test_any_record_layout_builds_the_same_examples(tmp_path):
     order = [1, 2, 3, 4, 5, 6, 7, 12, 8, 10, 9, 11]
     folder = tmp_path / "src"
     folder.mkdir()
-    with recordio.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
+    with recordio_writer.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
         for key in order:
             writer.write(key, recordio.pack_record([key % 4, 1], images[key]))
         for c in range(4):
             writer.write(n + 1 + c, recordio.pack_record([1, 2], b""))
         writer.write(0, recordio.pack_record([n + 1, n + 5], b""))
-    recordio.write_property(folder, 4, 8, 8)
+    insightface_folder.write_property(folder, 4, 8, 8)
     # 17 records, 4 of them written in two parts: every part starts with the magic.
     assert (folder / "train.rec").read_bytes().count(magic) == 17 + 4
     expected = [(key, key % 4, images[key]) for key in range(1, n + 1)]
-    assert list(recordio.iter_images(folder)) == expected
+    assert list(insightface_folder.iter_images(folder)) == expected
     _build(folder, tmp_path / "data")
     assert _raw_train(tmp_path / "data") == sorted((jpeg, label) for _, label, jpeg in expected)
 
@@ -140,7 +140,7 @@ def _rewrite_train(folder, mutate):
     """Rewrite train.rec with `mutate(key, payload) -> payload` applied to every record."""
     with recordio.RecordReader(folder / "train.rec") as reader:
         records = [(k, mutate(k, p)) for k, p in reader]
-    with recordio.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
+    with recordio_writer.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
         for key, payload in records:
             writer.write(key, payload)
 
@@ -219,7 +219,7 @@ def test_missing_files(bad_folder, tmp_path, name):
 
 
 def test_label_outside_property(bad_folder, tmp_path):
-    recordio.write_property(bad_folder, 2, 8, 8)
+    insightface_folder.write_property(bad_folder, 2, 8, 8)
     _assert_build_fails(bad_folder, tmp_path / "data", r"record key 7: label 2 outside \[0, 2\)")
 
 

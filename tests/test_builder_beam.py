@@ -16,7 +16,7 @@ beam = pytest.importorskip("apache_beam", reason="Apache Beam is not installed (
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: E402
 
 import tfds_ms1m  # noqa: E402
-from tfds_ms1m import recordio, synthetic  # noqa: E402
+from tfds_ms1m import insightface_folder, recordio, synthetic  # noqa: E402
 from helpers import repo_env  # noqa: E402
 from test_builder import _rewrite_train  # noqa: E402
 
@@ -60,7 +60,7 @@ def _stored_train(data_dir):
 def _source_in_key_hash_order(folder):
     """The folder's images in the order tfds stores examples keyed by their record key."""
     hasher = hashing.Hasher("train")
-    records = sorted(recordio.iter_images(folder), key=lambda r: hasher.hash_key(r[0]))
+    records = sorted(insightface_folder.iter_images(folder), key=lambda r: hasher.hash_key(r[0]))
     return [(jpeg, label) for _, label, jpeg in records]
 
 

@@ -7,12 +7,12 @@ import pytest
 
 from faceid_keras import ArcFaceModel, cli
 from faceid_keras.clean import CleanError
-from tfds_ms1m import recordio
+from tfds_ms1m import insightface_folder, recordio
 
 
 def _images(folder):
     keys, labels, images = [], [], []
-    for key, label, image in recordio.iter_images(folder):
+    for key, label, image in insightface_folder.iter_images(folder):
         keys.append(key)
         labels.append(label)
         images.append(image)
@@ -53,7 +53,7 @@ def test_clean_drops_far_images_and_empty_classes(synthetic_folder, tmp_path, ca
     assert not kept.all()
     assert report["dropped_classes"] == [emptied] and report["kept_classes"] == 7
     assert sorted(d["key"] for d in report["dropped"]) == sorted(keys[~kept].tolist())
-    assert recordio.read_property(output / "property") == (7, 32, 32)
+    assert insightface_folder.read_property(output / "property") == (7, 32, 32)
     new_keys, new_labels, new_jpegs = _images(output)
     old_to_new = {old: new for new, old in enumerate(c for c in range(8) if c != emptied)}
     assert sorted(new_labels.tolist()) == sorted(old_to_new[c] for c in labels[kept])

@@ -9,7 +9,7 @@ from PIL import Image
 import tensorflow as tf
 
 from faceid_keras import ArcFaceModel, data, finetune, prepare, training
-from tfds_ms1m import recordio, synthetic
+from tfds_ms1m import insightface_folder, synthetic
 
 
 def _tiny(seed: int) -> keras.Model:
@@ -25,7 +25,7 @@ def _tiny(seed: int) -> keras.Model:
 
 
 def _arrays(folder):
-    records = list(recordio.iter_images(folder))
+    records = list(insightface_folder.iter_images(folder))
     images = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for _, _, data in records])
     return images, np.array([label for _, label, _ in records])
 
@@ -86,7 +86,7 @@ def test_centres_start_at_identity_means_and_backbone_can_stay_frozen(fresh, new
     tfds_dir = tmp_path / "tfds"
     prepare.prepare_tfds(str(new_identities), str(tfds_dir))
     assert finetune.init_centres(model, str(tfds_dir), (32, 32), batch_size=7) == 16
-    records = list(recordio.iter_images(new_identities))  # decoded as the input pipeline decodes
+    records = list(insightface_folder.iter_images(new_identities))  # decoded as the input pipeline decodes
     images = np.stack([data.decode_image(tf.constant(image), None).numpy() for _, _, image in records])
     labels = np.array([label for _, label, _ in records])
     embeddings = model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfds_ms1m import binpack, recordio, synthetic
+from tfds_ms1m import binpack, recordio, recordio_writer, synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -148,7 +148,7 @@ def _cases(tmp_path):
         def mutate(folder):
             with recordio.RecordReader(folder / "train.rec") as reader:
                 records = list(reader)
-            with recordio.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
+            with recordio_writer.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
                 for k, payload in records:
                     if k == key:
                         _, image = recordio.unpack_record(payload)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from faceid_keras import alignment
 from faceid_keras.cli import main as faceid
-from tfds_ms1m import binpack, pack, recordio
+from tfds_ms1m import binpack, insightface_folder, pack
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -54,10 +54,10 @@ def test_pack_reads_back_with_labels_bytes_and_skipped_files(tree, tmp_path, cap
                    "--pairs", f"lfw={tree / 'pairs.csv'}"]) == 0
     report = capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["identities.txt", "lfw.bin", "property", "skipped.txt", "train.idx", "train.rec"]
-    assert recordio.read_property(out) == (8, 32, 32)  # a_empty and b_only_broken get no label
+    assert insightface_folder.read_property(out) == (8, 32, 32)  # a_empty and b_only_broken get no label
     assert (out / "identities.txt").read_text().splitlines() == [f"{i}\tid_{i}" for i in range(8)]
 
-    records = list(recordio.iter_images(out))
+    records = list(insightface_folder.iter_images(out))
     assert len(records) == 8 * 6 + 1
     expected = sorted((f"id_{label}", name) for label in range(8) for name in os.listdir(tree / f"id_{label}")
                       if name.endswith((".jpg", ".png")) and name not in ("empty.jpg", "broken.jpg"))
@@ -133,7 +133,7 @@ def test_lfw_pairs_and_landmarks_align_every_image(tmp_path):
     summary = pack.pack(root, out, landmarks=tmp_path / "marks.csv", pairs=[("cfp_fp", str(tmp_path / "pairs.txt"))],
                         workers=1)
     assert (summary.images, summary.identities, summary.pairs, summary.skipped) == (4, 2, {"cfp_fp": 2}, [])
-    for (_, _, data), (path, points) in zip(recordio.iter_images(out), rows):
+    for (_, _, data), (path, points) in zip(insightface_folder.iter_images(out), rows):
         with Image.open(root / path) as image:
             aligned = alignment.align_face(np.asarray(image), np.round(points, 3))
         assert np.abs(_decode(data) - aligned).mean() < 2

@@ -5,14 +5,14 @@ import struct
 import numpy as np
 import pytest
 
-from tfds_ms1m import recordio
+from tfds_ms1m import insightface_folder, recordio, recordio_writer
 
 MAGIC = struct.pack("<I", recordio.MAGIC)
 
 
 def _write(tmp_path, records):
     rec, idx = tmp_path / "x.rec", tmp_path / "x.idx"
-    with recordio.RecordWriter(rec, idx) as w:
+    with recordio_writer.RecordWriter(rec, idx) as w:
         for key, payload in records:
             w.write(key, payload)
     return rec, idx
@@ -102,32 +102,32 @@ def test_pack_unpack_scalar_and_vector_labels():
 def test_iter_images_with_header_record_anywhere(tmp_path):
     # Header record 0 written last; images carry flag-2 [class, aligned] labels.
     rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
-    with recordio.RecordWriter(rec, idx) as w:
+    with recordio_writer.RecordWriter(rec, idx) as w:
         for key, cls in [(1, 0), (2, 0), (3, 1)]:
             w.write(key, recordio.pack_record([cls, 1], f"img{key}".encode()))
         w.write(4, recordio.pack_record([1, 3], b""))
         w.write(5, recordio.pack_record([3, 4], b""))
         w.write(0, recordio.pack_record([4, 6], b""))
-    assert list(recordio.iter_images(tmp_path)) == [(1, 0, b"img1"), (2, 0, b"img2"), (3, 1, b"img3")]
+    assert list(insightface_folder.iter_images(tmp_path)) == [(1, 0, b"img1"), (2, 0, b"img2"), (3, 1, b"img3")]
 
 
 def test_iter_images_flag0_header_means_all_keys_are_images(tmp_path):
     rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
-    with recordio.RecordWriter(rec, idx) as w:
+    with recordio_writer.RecordWriter(rec, idx) as w:
         w.write(1, recordio.pack_record(4, b"b"))
         w.write(0, recordio.pack_record(2, b"a"))
-    assert list(recordio.iter_images(tmp_path)) == [(0, 2, b"a"), (1, 4, b"b")]
+    assert list(insightface_folder.iter_images(tmp_path)) == [(0, 2, b"a"), (1, 4, b"b")]
 
 
 def test_property_round_trip_and_errors(tmp_path):
-    recordio.write_property(tmp_path, 85742, 112, 112)
+    insightface_folder.write_property(tmp_path, 85742, 112, 112)
     assert (tmp_path / "property").read_text() == "85742,112,112\n"
-    assert recordio.read_property(tmp_path) == (85742, 112, 112)
+    assert insightface_folder.read_property(tmp_path) == (85742, 112, 112)
     (tmp_path / "property").write_text("85742;112")
     with pytest.raises(ValueError, match="property.*classes,height,width"):
-        recordio.read_property(tmp_path / "property")
+        insightface_folder.read_property(tmp_path / "property")
     with pytest.raises(FileNotFoundError, match="nothere"):
-        recordio.read_property(tmp_path / "nothere")
+        insightface_folder.read_property(tmp_path / "nothere")
 
 
 def test_truncated_rec(tmp_path):
@@ -165,7 +165,7 @@ def test_missing_idx_and_rec(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"x\.idx"):
         recordio.RecordReader(rec)
     with pytest.raises(FileNotFoundError, match=r"train\.rec"):
-        list(recordio.iter_images(tmp_path))
+        list(insightface_folder.iter_images(tmp_path))
 
 
 def test_read_many_equals_read_in_any_order(tmp_path):

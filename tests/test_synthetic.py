@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfds_ms1m import binpack, recordio, synthetic
+from tfds_ms1m import binpack, insightface_folder, recordio, synthetic
 
 
 def _decode(data):
@@ -19,7 +19,7 @@ def test_folder_layout_and_records(tmp_path):
         tmp_path / "d", 4, 3, image_size=16, pairs_per_target=20, targets=("lfw",)
     )
     assert sorted(p.name for p in folder.iterdir()) == ["lfw.bin", "property", "train.idx", "train.rec"]
-    assert recordio.read_property(folder) == (4, 16, 16)
+    assert insightface_folder.read_property(folder) == (4, 16, 16)
     with recordio.RecordReader(folder / "train.rec") as reader:
         assert reader.keys.tolist() == list(range(17))
         assert recordio.unpack_record(reader.read(0))[0].tolist() == [13, 17]
@@ -28,7 +28,7 @@ def test_folder_layout_and_records(tmp_path):
         ]
         header, _, _ = recordio.unpack_header(reader.read(5))
         assert header.flag == 0
-    images = list(recordio.iter_images(folder))
+    images = list(insightface_folder.iter_images(folder))
     assert [(k, c) for k, c, _ in images] == [(k, (k - 1) // 3) for k in range(1, 13)]
     assert all(_decode(jpeg).shape == (16, 16, 3) for _, _, jpeg in images)
     bins, issame = binpack.read_bin(folder / "lfw.bin")
@@ -46,7 +46,7 @@ def test_deterministic_by_seed(tmp_path):
 
 def test_identities_are_learnable(synthetic_folder):
     # Nearest class mean on raw pixels already separates identities on held-out pair images.
-    images = list(recordio.iter_images(synthetic_folder))
+    images = list(insightface_folder.iter_images(synthetic_folder))
     labels = np.array([c for _, c, _ in images])
     pixels = np.stack([_decode(j).ravel() for _, _, j in images])
     means = np.stack([pixels[labels == c].mean(0) for c in range(8)])
@@ -77,7 +77,7 @@ def test_command_line(tmp_path, capsys):
     synthetic.main([str(tmp_path / "cli"), "--identities", "3", "--images", "2", "--image_size", "12",
                     "--pairs", "20", "--targets", "cfp_fp"])
     assert "wrote 6 images of 3 identities" in capsys.readouterr().out
-    assert recordio.read_property(tmp_path / "cli") == (3, 12, 12)
+    assert insightface_folder.read_property(tmp_path / "cli") == (3, 12, 12)
     assert (tmp_path / "cli" / "cfp_fp.bin").exists()
     with pytest.raises(SystemExit):
         synthetic.main([str(tmp_path / "bad"), "--identities", "3", "--images", "2", "--pairs", "7"])

@@ -26,187 +26,20 @@ like insightface's (lfw, cfp_fp, agedb_30, calfw, cplfw, cfp_ff, vgg2_fp); `face
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
-import csv
 import dataclasses
-import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-import numpy as np
+from tfds_ms1m import binpack, insightface_folder, landmarks as landmark_files, recordio, recordio_writer
+from tfds_ms1m.image_tree import PackError, Prepared, identity_files, identity_folders, prepare_image
+from tfds_ms1m.pairs_file import read_pairs
+from tfds_ms1m.parallel import ordered_map
 
-from tfds_ms1m import binpack, landmarks as landmark_files, recordio
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-JPEG_QUALITY = 95
 PARTIAL_SUFFIX = ".partial"
 SKIPPED_FILE = "skipped.txt"
 IDENTITIES_FILE = "identities.txt"
-MAX_IMAGE_PIXELS = 100_000_000
-_IN_FLIGHT_PER_WORKER = 16
-_TRUE = ("1", "true", "same", "yes")
-_FALSE = ("0", "false", "different", "no")
-
-
-class PackError(ValueError):
-    """Input that cannot be packed (a missing tree, a malformed pairs file, an existing output)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """One image ready to write: its JPEG bytes, or why it was skipped."""
-
-    path: str
-    jpeg: bytes | None
-    reason: str = ""
-    kept_bytes: bool = False
-
-
-def identity_folders(root: str) -> list[str]:
-    """Names of the identity folders of an image tree, sorted (label order); hidden ones left out."""
-    if not os.path.isdir(root):
-        raise PackError(f"{root}: no such image folder")
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
-def identity_files(root: str, identity: str) -> tuple[list[str], list[str]]:
-    """(image paths, other files) of one identity, relative to the tree with "/", sorted."""
-    images, others = [], []
-    for folder, subfolders, files in os.walk(os.path.join(root, identity)):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            relative = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-            (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(relative)
-    return images, others
-
-
-def _encode(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
-
-
-def prepare_image(path: str, root: str, image_size: int, points: np.ndarray | None = None) -> Prepared:
-    """Reads one image and returns it as a target-size JPEG (bytes kept when already one), or why not."""
-    from PIL import Image, UnidentifiedImageError
-
-    full = path if os.path.isabs(path) else os.path.join(root, path)
-    try:
-        with open(full, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        return Prepared(path, None, f"unreadable: {err.strerror or err}")
-    if not data:
-        return Prepared(path, None, "empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                return Prepared(path, None, f"{image.width}x{image.height} is over {MAX_IMAGE_PIXELS} pixels")
-            keep = (points is None and image.format == "JPEG" and image.mode == "RGB"
-                    and image.size == (image_size, image_size))
-            image.load()  # decodes everything: a truncated file fails here
-            if keep:
-                return Prepared(path, data, kept_bytes=True)
-            pixels = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        return Prepared(path, None, f"not a readable image: {err}")
-    if points is not None:
-        from faceid_keras import alignment
-
-        try:
-            pixels = alignment.align_face(pixels, points, image_size=image_size)
-        except ValueError as err:
-            return Prepared(path, None, f"cannot be aligned: {err}")
-    elif pixels.shape[:2] != (image_size, image_size):
-        resized = Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR)
-        pixels = np.asarray(resized)
-    return Prepared(path, _encode(pixels))
-
-
-def ordered_map(function: Callable, items: Iterable, workers: int) -> Iterator:
-    """`map(function, items)` on `workers` threads, in order, with a bounded number of items in flight."""
-    if workers <= 1:
-        yield from map(function, items)
-        return
-    window = workers * _IN_FLIGHT_PER_WORKER
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(function, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-
-def _parse_flag(text: str, where: str) -> bool:
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise PackError(f"{where}: is_same must be 1/0, true/false or same/different, got {text!r}")
-
-
-def _lfw_image(root: str, name: str, number: str, where: str) -> str:
-    try:
-        index = int(number)
-    except ValueError:
-        raise PackError(f"{where}: image number {number!r} is not an integer") from None
-    stem = f"{name}/{name}_{index:04d}"
-    for extension in IMAGE_EXTENSIONS:
-        if os.path.exists(os.path.join(root, stem + extension)):
-            return stem + extension
-    return stem + ".jpg"
-
-
-def read_pairs(path: str, root: str) -> list[tuple[str, str, bool]]:
-    """Pairs (path1, path2, is_same) from LFW's pairs.txt format or a CSV path1,path2,is_same."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise PackError(f"{path}: cannot read the pairs file: {err}") from None
-    pairs = []
-    if any("," in line for line in lines[:5]):
-        for number, row in enumerate(csv.reader(lines), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            where = f"{path}, line {number}"
-            if len(row) != 3:
-                raise PackError(f"{where}: expected path1,path2,is_same, got {len(row)} fields")
-            if number == 1 and row[2].strip().lower() not in _TRUE + _FALSE:
-                continue  # header
-            pairs.append((landmark_files.normalise_key(row[0]), landmark_files.normalise_key(row[1]),
-                          _parse_flag(row[2], where)))
-    else:
-        for number, line in enumerate(lines, start=1):
-            fields = line.split()
-            where = f"{path}, line {number}"
-            if not fields or (number == 1 and all(f.isdigit() for f in fields)):
-                continue  # LFW's first line: folds and pairs per fold
-            if len(fields) == 3:
-                pairs.append((_lfw_image(root, fields[0], fields[1], where),
-                              _lfw_image(root, fields[0], fields[2], where), True))
-            elif len(fields) == 4:
-                pairs.append((_lfw_image(root, fields[0], fields[1], where),
-                              _lfw_image(root, fields[2], fields[3], where), False))
-            else:
-                raise PackError(f"{where}: expected 'name n1 n2' or 'name1 n1 name2 n2', got {line!r}")
-    if not pairs:
-        raise PackError(f"{path}: no pairs")
-    return pairs
 
 
 @dataclasses.dataclass
@@ -298,7 +131,7 @@ def _write_train(
     labelled: list[str] = []
     key, current = 1, -1
     bar = _progress(total, progress)
-    with recordio.RecordWriter(outputs.path("train.rec"), outputs.path("train.idx")) as writer:
+    with recordio_writer.RecordWriter(outputs.path("train.rec"), outputs.path("train.idx")) as writer:
         for index, prepared in ordered_map(prepare, tasks(), workers):
             bar.update(1)
             if prepared.jpeg is None:
@@ -319,7 +152,7 @@ def _write_train(
         for label, (start, end) in enumerate(ranges):
             writer.write(id_start + label, recordio.pack_record([start, end], b"", id=id_start + label))
         writer.write(0, recordio.pack_record([id_start, id_start + len(labelled)], b"", id=0))
-    recordio.write_property(outputs.path("property"), len(labelled), image_size, image_size)
+    insightface_folder.write_property(outputs.path("property"), len(labelled), image_size, image_size)
     with open(outputs.path(IDENTITIES_FILE), "w", encoding="utf-8") as f:
         f.writelines(f"{label}\t{name}\n" for label, name in enumerate(labelled))
     summary.images, summary.identities = key - 1, len(labelled)

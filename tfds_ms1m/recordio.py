@@ -1,10 +1,11 @@
-"""MXNet RecordIO (`.rec` + `.idx`) reading and writing in pure Python, as used by insightface.
+"""MXNet RecordIO (`.rec` + `.idx`) in pure Python, as used by insightface: the format and reading.
 
 Framing (dmlc-core): uint32 magic, uint32 lrec (cflag = lrec >> 29, length = lrec & (2**29 - 1)),
 payload, zero padding to 4 bytes. A payload holding the magic at a 4-aligned offset is split there
 into parts with cflag 1 (first), 2 (middle), 3 (last); the reader rejoins them with the magic.
 Payloads start with an IRHeader ('<IfQQ': flag, label, id, id2); `flag` > 0 means `flag` float32
 labels follow. The `.idx` holds "key\\toffset" lines, in any order.
+Writing is in `recordio_writer`; insightface's folder (`property`, image keys) in `insightface_folder`.
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEAD = struct.Struct("<II")
 _IR_HEADER = struct.Struct("<IfQQ")
 _LENGTH_MASK = (1 << 29) - 1
-_MAX_LENGTH = 1 << 29
 # Most bytes `RecordReader.read_many` reads at once (more only for a larger record).
 _BLOCK_BYTES = 1 << 20
 _FLAG_LABEL = struct.Struct("<If")
 _FLOAT = struct.Struct("<f")
-# Keys per `read_many` call in `iter_images`: bounds the index arrays held at once.
-_ITER_KEYS = 1 << 16
-# Most classes a `property` file may declare (WebFace42M, the largest public set, has 2.06M).
-MAX_CLASSES = 1 << 22
-# Largest image side a `property` file may declare.
-MAX_SIDE = 1 << 14
 
 PathLike = Union[str, os.PathLike]
 
@@ -114,6 +108,30 @@ def unpack_image(payload: bytes, where: str = "payload") -> tuple[int, bytes]:
     return int(label), payload[start:]
 
 
+def frame(payload: bytes) -> Iterator[bytes | memoryview]:
+    """Yield what stores `payload` in a `.rec`, as dmlc-core writes it: each part's header, data
+    and padding, the payload split at every magic at a 4-aligned offset."""
+    view, size = memoryview(payload), len(payload)
+    parts = []
+    start = 0
+    i = payload.find(_MAGIC_BYTES)
+    while 0 <= i <= size - 4:
+        if i % 4 == 0:
+            parts.append((1 if start == 0 else 2, view[start:i]))
+            start = i + 4
+            i = payload.find(_MAGIC_BYTES, start)
+        else:
+            i = payload.find(_MAGIC_BYTES, i + 1)
+    parts.append((3 if start else 0, view[start:]))
+    for cflag, part in parts:
+        n = len(part)
+        yield _HEAD.pack(MAGIC, (cflag << 29) | n)
+        yield part
+        pad = _pad4(n) - n
+        if pad:
+            yield b"\0" * pad
+
+
 def _open(path_or_file: PathLike | BinaryIO, mode: str) -> tuple[BinaryIO, str, bool]:
     """Return (file object, display name, whether we own it) for a path or an open binary file."""
     if hasattr(path_or_file, "read") or hasattr(path_or_file, "write"):
@@ -134,7 +152,8 @@ def _from_block(block: bytes, start: int) -> bytes | None:
     return block[start + 8 : end]
 
 
-def _default_idx_path(rec_path: PathLike) -> epath.Path:
+def default_idx_path(rec_path: PathLike) -> epath.Path:
+    """The `.idx` that goes with a `.rec`: the same path with the `.idx` suffix."""
     path = epath.Path(rec_path)
     return path.with_suffix(".idx")
 
@@ -192,7 +211,7 @@ class RecordReader:
         if idx_path is None:
             if hasattr(rec_path, "read"):
                 raise ValueError("RecordReader: give idx_path when rec_path is an open file")
-            idx_path = _default_idx_path(rec_path)
+            idx_path = default_idx_path(rec_path)
             if not idx_path.exists():
                 raise FileNotFoundError(f"{idx_path}: index file missing (needed to read {rec_path})")
         self._keys, self._offsets = read_index(idx_path)
@@ -354,140 +373,3 @@ class RecordReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class RecordWriter:
-    """Write `.rec` + `.idx` exactly as MXNet's MXIndexedRecordIO (dmlc-core framing) does."""
-
-    def __init__(self, rec_path: PathLike, idx_path: PathLike | None = None) -> None:
-        self.rec_path = epath.Path(rec_path)
-        self.idx_path = epath.Path(idx_path) if idx_path is not None else _default_idx_path(rec_path)
-        self._rec = self.rec_path.open("wb")
-        self._idx = self.idx_path.open("w")
-        self._keys: set[int] = set()
-        self._pos = 0
-
-    def write(self, key: int, payload: bytes) -> None:
-        """Append one record under `key` and index it."""
-        key = int(key)
-        if key in self._keys:
-            raise ValueError(f"{self.rec_path}: key {key} written twice")
-        size = len(payload)
-        if size >= _MAX_LENGTH:
-            raise ValueError(f"{self.rec_path}: key {key}: record of {size} bytes, limit is 2**29 - 1")
-        self._keys.add(key)
-        self._idx.write(f"{key}\t{self._pos}\n")
-        view = memoryview(payload)
-        chunks = []
-        start = 0
-        i = payload.find(_MAGIC_BYTES)
-        while 0 <= i <= size - 4:
-            if i % 4 == 0:
-                chunks.append((1 if start == 0 else 2, view[start:i]))
-                start = i + 4
-                i = payload.find(_MAGIC_BYTES, start)
-            else:
-                i = payload.find(_MAGIC_BYTES, i + 1)
-        chunks.append((3 if start else 0, view[start:]))
-        for cflag, chunk in chunks:
-            n = len(chunk)
-            self._rec.write(_HEAD.pack(MAGIC, (cflag << 29) | n))
-            self._rec.write(chunk)
-            pad = _pad4(n) - n
-            if pad:
-                self._rec.write(b"\0" * pad)
-            self._pos += 8 + n + pad
-
-    def close(self) -> None:
-        """Flush and close both files."""
-        self._rec.close()
-        self._idx.close()
-
-    def __enter__(self) -> "RecordWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_property(path: PathLike) -> tuple[int, int, int]:
-    """Read insightface's `property` file ("classes,height,width") from a file or its folder."""
-    path = epath.Path(path)
-    if path.is_dir():
-        path = path / "property"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: `property` file missing (expected 'classes,height,width')")
-    with path.open("rb") as f:
-        raw = f.read(256)
-    try:
-        text = raw.decode("ascii").strip()
-        fields = text.split(",")
-        if len(raw) == 256 or len(fields) != 3 or not all(x.strip().isdigit() for x in fields):
-            raise ValueError
-        num_classes, height, width = (int(x) for x in fields)
-    except ValueError:
-        raise RecordIOError(
-            f"{path}: content {raw[:60]!r}, expected 'classes,height,width' (three positive integers)"
-        ) from None
-    if not (0 < num_classes <= MAX_CLASSES and 0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
-        raise RecordIOError(
-            f"{path}: content {text!r}: classes must be in [1, {MAX_CLASSES}] and height and "
-            f"width in [1, {MAX_SIDE}]"
-        )
-    return num_classes, height, width
-
-
-def write_property(path: PathLike, num_classes: int, height: int, width: int) -> None:
-    """Write insightface's `property` file (to `path`, or to `path/property` if it is a folder)."""
-    path = epath.Path(path)
-    if path.is_dir():
-        path = path / "property"
-    path.write_text(f"{int(num_classes)},{int(height)},{int(width)}\n")
-
-
-def image_keys(reader: RecordReader) -> Sequence[int]:
-    """Keys of the image records: 1 .. id_start-1 from header record 0, else every key."""
-    if 0 not in reader:
-        return reader.keys
-    header, label, _ = unpack_header(reader.read(0), f"{reader.name}: record key 0")
-    if header.flag == 0:
-        return reader.keys
-    if label.size < 2:
-        raise RecordIOError(
-            f"{reader.name}: header record key 0 has {label.size} label(s), expected [id_start, id_end]"
-        )
-    where = f"{reader.name}: header record key 0"
-    if not math.isfinite(label[0]) or label[0] != int(label[0]) or label[0] < 2:
-        raise RecordIOError(
-            f"{where}: id_start is {label[0]}; expected an integer >= 2 (images are keys "
-            "1 .. id_start - 1)"
-        )
-    id_start = int(label[0])
-    index = reader.keys
-    present = int(np.searchsorted(index, min(id_start, index[-1] + 1)) - np.searchsorted(index, 1))
-    if present != id_start - 1:
-        # Among keys 1 .. len(index) + 1 one is always missing, so this stops early.
-        first_missing = next(k for k in range(1, id_start) if k not in reader)
-        raise RecordIOError(
-            f"{where}: says images are keys 1..{id_start - 1} but key {first_missing} is not in "
-            f"the index ({present} of them are)"
-        )
-    return range(1, id_start)
-
-
-def iter_images(
-    folder: PathLike, rec_name: str = "train"
-) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (key, class_id, image_bytes) for every image record of an insightface folder, in key
-    order (read in large blocks where the file is in key order, as insightface writes it)."""
-    folder = epath.Path(folder)
-    rec_path, idx_path = folder / f"{rec_name}.rec", folder / f"{rec_name}.idx"
-    for path in (rec_path, idx_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing (an insightface folder has train.rec and train.idx)")
-    with RecordReader(rec_path, idx_path) as reader:
-        keys = image_keys(reader)
-        for start in range(0, len(keys), _ITER_KEYS):
-            for key, payload in reader.read_many(keys[start : start + _ITER_KEYS]):
-                label, image = unpack_image(payload, f"{reader.name}: record key {key}")
-                yield key, label, image

@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from tfds_ms1m import binpack, recordio
+from tfds_ms1m import binpack, insightface_folder, recordio, recordio_writer
 
 PathLike = Union[str, os.PathLike]
 
@@ -129,7 +129,7 @@ def write_dataset(
     num_images = num_identities * images_per_identity
     id_start = num_images + 1
     rng = np.random.default_rng(train_seed)
-    with recordio.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
+    with recordio_writer.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
         writer.write(0, recordio.pack_record([id_start, id_start + num_identities], b"", id=0))
         key = 1
         for label, identity in enumerate(identities):
@@ -143,7 +143,7 @@ def write_dataset(
                 id_start + label,
                 recordio.pack_record([start, start + images_per_identity], b"", id=id_start + label),
             )
-    recordio.write_property(folder / "property", num_identities, image_size, image_size)
+    insightface_folder.write_property(folder / "property", num_identities, image_size, image_size)
     for target, target_seed in zip(targets, target_seeds):
         images, issame = _pairs(
             identities, pairs_per_target, image_size, np.random.default_rng(target_seed), jpeg_quality

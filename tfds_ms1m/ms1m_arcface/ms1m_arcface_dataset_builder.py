@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tfds_ms1m import binpack, recordio
+from tfds_ms1m import binpack, insightface_folder, recordio
 
 _DESCRIPTION = """\
 MS1M-ArcFace (insightface's `faces_emore`, a cleaned MS-Celeb-1M: 5.8M aligned 112x112 face
@@ -104,7 +104,7 @@ class _TrainRecords:
     def _open(self) -> recordio.RecordReader:
         if self._reader is None:
             self._reader = recordio.RecordReader(self.folder / "train.rec", self.folder / "train.idx")
-            self._keys = recordio.image_keys(self._reader)
+            self._keys = insightface_folder.image_keys(self._reader)
         return self._reader
 
     def __len__(self) -> int:
@@ -162,7 +162,7 @@ def check_train_folder(folder: epath.PathLike) -> int:
                 f"{folder / name}: missing; the manual dir must be an insightface folder "
                 "with train.rec, train.idx and property"
             )
-    num_classes, _, _ = recordio.read_property(folder / "property")
+    num_classes, _, _ = insightface_folder.read_property(folder / "property")
     records = _TrainRecords(folder, num_classes)
     with contextlib.closing(records):
         total = len(records)
