@@ -103,6 +103,13 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr, desc="pack")
 
 
+def _prepare(path: str, root: str, image_size: int, points: dict | None) -> Prepared:
+    """`prepare_image` under the --landmarks table: an image the table does not list is skipped."""
+    if points is not None and path not in points:
+        return Prepared(path, None, "no landmarks for it in --landmarks")
+    return prepare_image(path, root, image_size, None if points is None else points[path])
+
+
 def _write_train(
     root: str, outputs: _Outputs, image_size: int, points: dict | None, workers: int, summary: PackSummary,
     progress: bool,
@@ -123,9 +130,7 @@ def _write_train(
 
     def prepare(task: tuple[int, str]) -> tuple[int, Prepared]:
         index, path = task
-        if points is not None and path not in points:
-            return index, Prepared(path, None, "no landmarks for it in --landmarks")
-        return index, prepare_image(path, root, image_size, None if points is None else points[path])
+        return index, _prepare(path, root, image_size, points)
 
     ranges: list[tuple[int, int]] = []
     labelled: list[str] = []
@@ -165,13 +170,8 @@ def _write_pairs(
 ) -> None:
     pairs = read_pairs(pairs_file, root)
 
-    def prepare(path: str) -> Prepared:
-        if points is not None and path not in points:
-            return Prepared(path, None, "no landmarks for it in --landmarks")
-        return prepare_image(path, root, image_size, None if points is None else points[path])
-
     flat = [path for pair in pairs for path in pair[:2]]
-    prepared = list(ordered_map(prepare, flat, workers))
+    prepared = list(ordered_map(lambda path: _prepare(path, root, image_size, points), flat, workers))
     images, issame = [], []
     for i, (first, second) in enumerate(zip(prepared[0::2], prepared[1::2])):
         bad = next((p for p in (first, second) if p.jpeg is None), None)
