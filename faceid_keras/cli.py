@@ -1,6 +1,8 @@
 """The `faceid` command line: demo, train, eval, calibrate, verify, embed, identify, pack, clean,
 export and import.
 
+Installed as the `faceid` console script; `python -m faceid_keras.cli` runs the same.
+
 TensorFlow's environment defaults (oneDNN on, quiet logs) are set by `faceid_keras/__init__.py`,
 which Python runs before this module.
 """
