@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=2, help="training epochs on the synthetic faces")
     args = parser.parse_args()
 
-    from faceid_keras import export, exporters, parity, train
+    from faceid_keras import cli, export, exporters, parity, prepare, train, training
     from tfds_ms1m import synthetic
 
     work = tempfile.mkdtemp(prefix="bench-export-")
@@ -45,12 +45,12 @@ def main():
     synthetic.write_dataset(folder, 16, 8, image_size=args.image_size, pairs_per_target=200,
                             targets=("lfw",), seed=0)
     data_dir = os.path.join(work, "tfds")
-    train.prepare_tfds(folder, data_dir)
-    result = train.train(train.build_parser().parse_args([
-        "--data_path", data_dir, "--model_dir", os.path.join(work, "model"), "--backbone", args.backbone,
+    prepare.prepare_tfds(folder, data_dir)
+    result = training.train(train.config_from_args(cli.build_parser().parse_args([
+        "train", "--data_path", data_dir, "--model_dir", os.path.join(work, "model"), "--backbone", args.backbone,
         "--embedding_size", str(args.embedding_size), "--train_epochs", str(args.epochs), "--batch_size", "32",
         "--lr", "0.1", "--warmup_epochs", "1", "--targets", "lfw",
-    ]))
+    ])))
     model_path = result.embedding_path
 
     import keras

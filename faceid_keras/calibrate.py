@@ -115,7 +115,13 @@ def _far(text: str) -> float:
     return value
 
 
-def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the ``calibrate`` subcommand on a ``faceid`` subparsers object."""
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="choose the same/different threshold at a FAR and store it next to the model",
+        description=__doc__.split("\n")[0],
+    )
     parser.add_argument("model", help="saved model (.keras) whose output is the face embedding")
     parser.add_argument("--data_path", required=True,
                         help="tfds data dir holding ms1m_arcface/verification, or a folder of <name>.bin packs")
@@ -125,24 +131,3 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=64, help="embedding batch size")
     parser.set_defaults(func=run)
     return parser
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the ``calibrate`` subcommand on a ``faceid`` subparsers object."""
-    return _configure(
-        subparsers.add_parser(
-            "calibrate",
-            help="choose the same/different threshold at a FAR and store it next to the model",
-            description=__doc__.split("\n")[0],
-        )
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Standalone entry point: ``python -m faceid_keras.calibrate MODEL --data_path DIR``."""
-    args = _configure(argparse.ArgumentParser(prog="faceid calibrate", description=__doc__.split("\n")[0])).parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -182,14 +182,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=64, help="images embedded at once")
     parser.set_defaults(func=run)
     return parser
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Standalone entry point: ``python -m faceid_keras.clean MODEL --data_path DIR --output DIR``."""
-    parser = add_parser(argparse.ArgumentParser(prog="faceid").add_subparsers())
-    args = parser.parse_args(argv)
-    return clean(args.model, args.data_path, args.output, args.max_angle, args.batch_size)
-
-
-if __name__ == "__main__":
-    main()

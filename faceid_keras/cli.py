@@ -1,6 +1,8 @@
 """The `faceid` command line: demo, train, eval, calibrate, verify, embed, identify, pack, clean,
 export and import.
 
+Installed as the `faceid` console script; `python -m faceid_keras.cli` runs the same.
+
 TensorFlow reads its environment flags (TF_ENABLE_ONEDNN_OPTS, TF_CPP_MIN_LOG_LEVEL) when it is
 imported, before this module runs, so they are the user's to export (see the README).
 """

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,8 +22,13 @@ FULL = {"identities": 32, "images_per_identity": 12, "image_size": 32, "pairs": 
 QUICK = {"identities": 8, "images_per_identity": 8, "image_size": 32, "pairs": 40, "epochs": 2}
 
 
-def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the demo flags to a parser and makes `run` its handler."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the `demo` subcommand on a `faceid` subparsers object."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="generate synthetic faces, build them with tfds, train, verify and embed",
+        description=__doc__.split("\n")[0],
+    )
     parser.add_argument("--workdir", default=None,
                         help="folder for the dataset and the model (default: a new temporary folder)")
     parser.add_argument("--quick", action="store_true",
@@ -35,17 +38,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
     parser.set_defaults(func=run)
     return parser
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the `demo` subcommand on a `faceid` subparsers object."""
-    return configure(
-        subparsers.add_parser(
-            "demo",
-            help="generate synthetic faces, build them with tfds, train, verify and embed",
-            description=__doc__.split("\n")[0],
-        )
-    )
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,13 +107,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"Demo finished in {time.perf_counter() - started:.0f} s: final lfw accuracy {final:.3f}; "
           f"model in {model_dir}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: `python -m faceid_keras.demo`."""
-    args = configure(argparse.ArgumentParser(prog="faceid demo", description=__doc__.split("\n")[0])).parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 # Importing the faceid_keras package registers its serialisable classes (ArcFaceModel, ...), so
 # keras.models.load_model needs no custom_objects.
@@ -111,7 +111,13 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     return results
 
 
-def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the ``eval`` subcommand on a ``faceid`` subparsers object."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="verification accuracy of a saved model (lfw, cfp_fp, agedb_30)",
+        description="Evaluates a saved model under the insightface verification protocol.",
+    )
     parser.add_argument("model", help="saved model (.keras) whose output is the face embedding")
     parser.add_argument(
         "--data_path",
@@ -128,25 +134,3 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--roc_plot", metavar="FILE.png", help="write ROC curves here")
     parser.set_defaults(func=run)
     return parser
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the ``eval`` subcommand on a ``faceid`` subparsers object."""
-    return _configure(
-        subparsers.add_parser(
-            "eval",
-            help="verification accuracy of a saved model (lfw, cfp_fp, agedb_30)",
-            description="Evaluates a saved model under the insightface verification protocol.",
-        )
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
-    """Standalone entry point: ``python -m faceid_keras.evaluate MODEL --data_path DIR``."""
-    parser = _configure(argparse.ArgumentParser(prog="faceid eval", description=__doc__))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from collections.abc import Sequence
 
 from faceid_keras import backbones, training
 from faceid_keras.argtypes import fraction, non_negative_float, non_negative_int, positive_int
@@ -50,8 +48,13 @@ def _epoch_list(text: str) -> tuple[float, ...]:
     return values
 
 
-def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the training flags to a parser and makes `run` its handler; the defaults are `TrainConfig`'s."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the `train` subcommand on a `faceid` subparsers object; its defaults are `TrainConfig`'s."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train an ArcFace model on ms1m_arcface",
+        description="Trains an ArcFace model with Keras fit; resumes killed runs.",
+    )
     data_group = parser.add_argument_group("data")
     data_group.add_argument("--data_path", required=True,
                       help="tfds data dir with ms1m_arcface built in it, or an insightface folder "
@@ -135,22 +138,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the `train` subcommand on a `faceid` subparsers object."""
-    return configure(
-        subparsers.add_parser(
-            "train",
-            help="train an ArcFace model on ms1m_arcface",
-            description="Trains an ArcFace model with Keras fit; resumes killed runs.",
-        )
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The standalone `faceid train` parser."""
-    return configure(argparse.ArgumentParser(prog="faceid train", description=__doc__.split("\n")[0]))
-
-
 def _targets(text: str) -> tuple[str, ...]:
     """Comma-separated verification target names; "none" for no verification."""
     return () if text.strip().lower() == "none" else tuple(name for name in text.split(",") if name)
@@ -165,13 +152,3 @@ def config_from_args(args: argparse.Namespace) -> training.TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """`faceid train`: trains and returns the exit status (1 when the loss went NaN)."""
     return 1 if training.train(config_from_args(args)).stopped_at is not None else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: `python -m faceid_keras.train --data_path DIR ...`."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,10 +5,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import keras
 import pytest
 import tensorflow as tf
+
+from faceid_keras import cli
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = REPO / "tests" / "workers"
@@ -45,6 +48,12 @@ def run_worker(name: str, *args, cwd=None, timeout: float = 300, **env: str) -> 
     """Runs tests/workers/<name>.py in a fresh interpreter; asserts it succeeded, returns its output."""
     return _checked(subprocess.run(worker_command(name, *args), cwd=cwd or REPO, env=repo_env(**env),
                                    capture_output=True, text=True, timeout=timeout))
+
+
+def run_faceid(argv: list[str]) -> Any:
+    """Runs `faceid ARGV` in this process and returns what the command's handler returned."""
+    args = cli.build_parser().parse_args(argv)
+    return args.func(args)
 
 
 def free_ports(count: int) -> list[int]:

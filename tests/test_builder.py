@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import tfds_ms1m
-from tfds_ms1m import binpack, insightface_folder, recordio, recordio_writer, synthetic
+from tfds_ms1m import binpack, insightface_folder, rebuild, recordio, recordio_writer, synthetic
 from tfds_ms1m.ms1m_arcface import ms1m_arcface_dataset_builder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tfds_ms1m.__file__)))
@@ -289,6 +289,12 @@ def test_rebuild_keeps_the_good_dataset_when_the_source_is_broken(bad_folder, tm
                                     targets=("lfw",), seed=4)
     result = _rebuild(other, data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rebuilt" in result.stdout and _raw_train(data_dir) == _source_train(other)
+    assert f"rebuilt {data_dir / 'ms1m_arcface' / 'train' / '1.0.0'}" in result.stdout.splitlines()
+    assert _raw_train(data_dir) == _source_train(other)
     assert tfds.builder("ms1m_arcface", data_dir=str(data_dir)).info.features["label"].num_classes == 5
     assert sorted(p.name for p in (data_dir / "ms1m_arcface" / "train").iterdir()) == ["1.0.0"]
+
+
+def test_rebuild_finds_the_configs_built_in_a_data_dir(tfds_data_dir, tmp_path):
+    assert rebuild._built_versions(str(tfds_data_dir)) == ["train/1.0.0", "verification/1.0.0"]
+    assert rebuild._built_versions(str(tmp_path)) == []

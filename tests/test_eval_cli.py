@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from faceid_keras import ArcFaceModel, evaluate
+from helpers import run_faceid
 from tfds_ms1m.binpack import write_bin
 
 
@@ -37,8 +38,8 @@ def pack_folder(tmp_path_factory):
 
 def test_eval_prints_aligned_table_and_plots_roc(saved_model, pack_folder, tmp_path, capsys):
     plot = tmp_path / "roc.png"
-    results = evaluate.main(
-        [str(saved_model), "--data_path", str(pack_folder), "--targets", "lfw,cfp_fp",
+    results = run_faceid(
+        ["eval", str(saved_model), "--data_path", str(pack_folder), "--targets", "lfw,cfp_fp",
          "--batch_size", "7", "--roc_plot", str(plot)]
     )
     assert list(results) == ["lfw", "cfp_fp"]
@@ -56,11 +57,11 @@ def test_eval_prints_aligned_table_and_plots_roc(saved_model, pack_folder, tmp_p
 
 def test_eval_missing_target_names_file_and_lists_found(saved_model, pack_folder):
     with pytest.raises(FileNotFoundError, match=r"agedb_30\.bin does not exist; targets found: cfp_fp, lfw"):
-        evaluate.main([str(saved_model), "--data_path", str(pack_folder)])
+        run_faceid(["eval", str(saved_model), "--data_path", str(pack_folder)])
 
 
 def test_eval_on_tfds_data_dir(saved_model, tfds_data_dir, capsys):
-    results = evaluate.main([str(saved_model), "--data_path", str(tfds_data_dir), "--targets", "lfw"])
+    results = run_faceid(["eval", str(saved_model), "--data_path", str(tfds_data_dir), "--targets", "lfw"])
     assert results["lfw"]["pairs"] == 40  # the 32x32 synthetic images are resized to the model's 16x16
     assert capsys.readouterr().out.splitlines()[1].startswith("lfw ")
 
@@ -103,4 +104,4 @@ def test_eval_broken_model_file_names_it(saved_model, pack_folder, tmp_path, dam
     elif damage == "junk":
         path.write_bytes(b"not a model at all")
     with pytest.raises(ModelFileError, match=pattern):
-        evaluate.main([str(path), "--data_path", str(pack_folder), "--targets", "lfw"])
+        run_faceid(["eval", str(path), "--data_path", str(pack_folder), "--targets", "lfw"])

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid_keras import ArcFaceModel, alignment, evaluate, ijb, ijb_embedding
+from faceid_keras import ArcFaceModel, alignment, ijb, ijb_embedding
 from faceid_keras.ijb_protocol import read_protocol
+from helpers import run_faceid
 from tfds_ms1m import synthetic_ijb
 
 
@@ -40,8 +41,8 @@ def reference_embeddings(model, protocol):
 
 def test_eval_ijb_matches_independent_steps(model_path, ijb_folder, tmp_path, capsys):
     plot = tmp_path / "roc.png"
-    results = evaluate.main(
-        [str(model_path), "--ijb", ijb_folder, "--ijb_set", "IJBC", "--ijb_mode", "N1D1F1,N0D0F0",
+    results = run_faceid(
+        ["eval", str(model_path), "--ijb", ijb_folder, "--ijb_set", "IJBC", "--ijb_mode", "N1D1F1,N0D0F0",
          "--ijb_cache", str(tmp_path / "cache"), "--batch_size", "5", "--roc_plot", str(plot)]
     )
     assert list(results) == ["IJBC N1D1F1", "IJBC N0D0F0"]
@@ -103,6 +104,6 @@ def test_raw_embedding_model_skips_the_normalisation(model_path):
 
 def test_eval_needs_a_data_path_or_an_ijb_folder(model_path, ijb_folder, tmp_path):
     with pytest.raises(ValueError, match="needs --data_path .* or --ijb"):
-        evaluate.main([str(model_path)])
+        run_faceid(["eval", str(model_path)])
     with pytest.raises(ValueError, match="--ijb_mode 'N2D1F1'"):
-        evaluate.main([str(model_path), "--ijb", ijb_folder, "--ijb_mode", "N2D1F1"])
+        run_faceid(["eval", str(model_path), "--ijb", ijb_folder, "--ijb_mode", "N2D1F1"])

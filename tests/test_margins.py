@@ -264,12 +264,14 @@ def test_adaface_statistics_come_from_the_global_batch(tmp_path):
 
 
 def test_train_flags_reach_the_model_arguments():
-    from faceid_keras import train
+    from faceid_keras import cli
 
-    args = train.build_parser().parse_args(["--data_path", "/d", "--margin", "adaface", "--subcenters", "3",
-                                            "--interclass_filtering", "0.2"])
+    def parse(*argv):
+        return cli.build_parser().parse_args(["train", "--data_path", "/d", *argv])
+
+    args = parse("--margin", "adaface", "--subcenters", "3", "--interclass_filtering", "0.2")
     assert (args.margin, args.subcenters, args.interclass_filtering) == ("adaface", 3, 0.2)
-    assert train.build_parser().parse_args(["--data_path", "/d", "--margin", "arcface_torch"]).margin == "arcface_torch"
+    assert parse("--margin", "arcface_torch").margin == "arcface_torch"
     for bad in (["--subcenters", "0"], ["--interclass_filtering", "1.0"], ["--margin", "sphereface"]):
         with pytest.raises(SystemExit):
-            train.build_parser().parse_args(["--data_path", "/d", *bad])
+            parse(*bad)

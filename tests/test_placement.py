@@ -248,12 +248,12 @@ def test_npu_arcface_fit_on_the_tfds_pipeline_makes_the_npu_calls_in_order(fake_
 
 def test_faceid_train_on_two_npu_ranks_makes_the_npu_calls_in_order(fake_npu, monkeypatch, tfds_data_dir, tmp_path):
     """`faceid train --device npu` on rank 0 of two: precision defaults to allow_mix_precision."""
-    from faceid_keras import train, training
+    from faceid_keras import cli, train, training
 
     monkeypatch.setenv("RANK_SIZE", "2")
     monkeypatch.setenv("RANK_ID", "0")
-    args = train.build_parser().parse_args([
-        "--data_path", str(tfds_data_dir), "--model_dir", str(tmp_path / "run"), "--device", "npu",
+    args = cli.build_parser().parse_args([
+        "train", "--data_path", str(tfds_data_dir), "--model_dir", str(tmp_path / "run"), "--device", "npu",
         "--backbone", "iresnet18", "--embedding_size", "16", "--batch_size", "4", "--train_epochs", "2",
         "--steps", "2", "--targets", "none", "--verbose", "0",
     ])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from faceid_keras import ArcFaceModel, calibrate, evaluate, verification
+from helpers import run_faceid
 
 
 def _pairs(same_cosines, different_cosines):
@@ -50,14 +51,14 @@ def saved_model(tmp_path_factory):
 
 
 def test_eval_prints_decisions_and_calibrate_stores_threshold(saved_model, synthetic_folder, capsys):
-    results = evaluate.main([str(saved_model), "--data_path", str(synthetic_folder), "--targets", "lfw"])
+    results = run_faceid(["eval", str(saved_model), "--data_path", str(synthetic_folder), "--targets", "lfw"])
     out = capsys.readouterr().out
     decisions = results["lfw"]["decisions"]
     assert [d["too_small"] for d in decisions] == [True, True, True]  # 20 different pairs
     assert re.search(r"^lfw\s+0\.01\s+set too small: 20 different pairs, needs 100$", out, re.M)
     assert re.search(r"^lfw\s+0\.0001\s+set too small: 20 different pairs, needs 10000$", out, re.M)
 
-    decision = calibrate.main([str(saved_model), "--data_path", str(synthetic_folder), "--far", "0.05"])
+    decision = run_faceid(["calibrate", str(saved_model), "--data_path", str(synthetic_folder), "--far", "0.05"])
     out = capsys.readouterr().out
     record = json.loads((saved_model.parent / "arcface.keras.threshold.json").read_text())
     assert record["targets"] == ["agedb_30", "cfp_fp", "lfw"] and record["different_pairs"] == 60
@@ -68,7 +69,7 @@ def test_eval_prints_decisions_and_calibrate_stores_threshold(saved_model, synth
     assert f"cosine > {record['cosine']:.5f}" in out
 
     with pytest.raises(SystemExit, match="FAR 0.001 needs at least 1000"):
-        calibrate.main([str(saved_model), "--data_path", str(synthetic_folder), "--far", "1e-3"])
+        run_faceid(["calibrate", str(saved_model), "--data_path", str(synthetic_folder), "--far", "1e-3"])
 
 
 def test_decision_table_lists_thresholds_and_too_small_sets():

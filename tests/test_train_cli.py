@@ -18,7 +18,7 @@ TINY = ["--backbone", "iresnet18", "--embedding_size", "16", "--batch_size", "8"
 
 
 def _parse(*argv):
-    return train.build_parser().parse_args(["--data_path", "/data", *argv])
+    return cli.build_parser().parse_args(["train", "--data_path", "/data", *argv])
 
 
 def _config(*argv) -> training.TrainConfig:

@@ -1,7 +1,7 @@
 """Folders of face images -> an insightface training folder (`train.rec`, `train.idx`, `property`).
 
-    python -m tfds_ms1m.pack IMAGE_TREE OUTPUT_DIR [--image_size 112] [--landmarks FILE]
-                             [--pairs NAME=FILE] [--workers N]
+    faceid pack IMAGE_TREE OUTPUT_DIR [--image_size 112] [--landmarks FILE]
+                [--pairs NAME=FILE] [--workers N]
 
 `IMAGE_TREE/<identity>/<file>` (jpg, jpeg, png, bmp, webp; subfolders of an identity count as
 that identity): identities sorted by folder name get labels 0..N-1, images sorted by path. The
@@ -240,8 +240,11 @@ def _pairs_argument(text: str) -> tuple[str, str]:
     return name, path
 
 
-def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the pack arguments to a parser and makes `run` its handler."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers the `pack` subcommand on a `faceid` subparsers object."""
+    parser = subparsers.add_parser(
+        "pack", help="pack folders of face images into insightface's train.rec format",
+        description=__doc__.split("\n")[0])
     parser.add_argument("image_tree", help="folder of identity folders of images")
     parser.add_argument("output_dir", help="insightface folder to write (train.rec, train.idx, property)")
     parser.add_argument("--image_size", type=int, default=112, help="square side of the packed images (default: 112)")
@@ -255,13 +258,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers the `pack` subcommand on a `faceid` subparsers object."""
-    return configure(subparsers.add_parser(
-        "pack", help="pack folders of face images into insightface's train.rec format",
-        description=__doc__.split("\n")[0]))
-
-
 def run(args: argparse.Namespace) -> int:
     """Packs and prints the summary; exit status 1 on bad input."""
     try:
@@ -272,13 +268,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(summary.report(args.output_dir))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: `python -m tfds_ms1m.pack IMAGE_TREE OUTPUT_DIR`."""
-    return run(configure(argparse.ArgumentParser(prog="python -m tfds_ms1m.pack", description=__doc__.split("\n")[0]))
-               .parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

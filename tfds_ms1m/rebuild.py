@@ -21,6 +21,10 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 
+import tensorflow_datasets as tfds
+
+import tfds_ms1m
+
 DATASET = "ms1m_arcface"
 
 
@@ -33,13 +37,13 @@ def _default_data_dir() -> str:
 
 
 def _built_versions(staging: str) -> list[str]:
-    """`CONFIG/VERSION` folders under `staging/ms1m_arcface` that hold a finished build."""
-    root = os.path.join(staging, DATASET)
+    """`CONFIG/VERSION` folders, relative to `staging/ms1m_arcface`, of the configs tfds built there."""
     found = []
-    for config in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        for version in sorted(os.listdir(os.path.join(root, config))):
-            if os.path.isfile(os.path.join(root, config, version, "dataset_info.json")):
-                found.append(os.path.join(config, version))
+    for config in tfds_ms1m.Builder.BUILDER_CONFIGS:
+        builder = tfds.builder(f"{DATASET}/{config.name}", data_dir=staging)
+        # is_prepared() warns about a version folder that is missing: only ask about the ones there.
+        if os.path.isdir(builder.data_dir) and builder.is_prepared():
+            found.append(os.path.relpath(builder.data_dir, os.path.join(staging, DATASET)))
     return found
 
 

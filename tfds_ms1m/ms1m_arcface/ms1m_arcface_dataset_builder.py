@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tfds_ms1m import binpack, insightface_folder, recordio
+from tfds_ms1m import binpack, compat, insightface_folder, recordio
 
 _DESCRIPTION = """\
 MS1M-ArcFace (insightface's `faces_emore`, a cleaned MS-Celeb-1M: 5.8M aligned 112x112 face
@@ -188,7 +188,7 @@ def verification_targets(folder: epath.PathLike) -> list[str]:
     return targets
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(compat.BeamAwareBuilder, tfds.core.GeneratorBasedBuilder):
     """MS1M-ArcFace style face recognition data from an insightface RecordIO folder."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -253,21 +253,6 @@ runner: Beam 2.77's DirectRunner hands the pipeline to Prism first, which runs i
             disable_shuffling=self.builder_config.name == "verification",
         )
 
-    # Whether the current build was given Beam options or a runner; see `_download_and_prepare`.
-    _beam_build = False
-
-    def _download_and_prepare(
-        self, dl_manager: tfds.download.DownloadManager, download_config: tfds.download.DownloadConfig
-    ) -> None:
-        """Note whether Beam options or a runner were given (tfds passes them to no other hook)."""
-        self._beam_build = (
-            download_config.beam_options is not None or download_config.beam_runner is not None
-        )
-        try:
-            super()._download_and_prepare(dl_manager, download_config)
-        finally:
-            self._beam_build = False
-
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         folder = epath.Path(dl_manager.manual_dir)
         if self.builder_config.name == "train":
@@ -285,7 +270,7 @@ runner: Beam 2.77's DirectRunner hands the pipeline to Prism first, which runs i
         if target is not None:
             return self._generate_pairs(folder / f"{target}.bin")
         records = _TrainRecords(folder, num_classes)
-        if not self._beam_build:
+        if not self.beam_build:
             return self._generate_train(records)
         beam = tfds.core.lazy_imports.apache_beam
         try:
