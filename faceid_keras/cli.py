@@ -1,10 +1,9 @@
 """The `faceid` command line: demo, train, eval, calibrate, verify, embed, identify, pack, clean,
 export and import.
 
-Installed as the `faceid` console script; `python -m faceid_keras.cli` runs the same.
-
-TensorFlow reads its environment flags (TF_ENABLE_ONEDNN_OPTS, TF_CPP_MIN_LOG_LEVEL) when it is
-imported, before this module runs, so they are the user's to export (see the README).
+Run by the `faceid` command (scripts/faceid), which first sets TensorFlow's flags: TensorFlow
+reads them when it is imported, and importing this package imports it. `python -m faceid_keras.cli`
+runs the same commands with the environment as it is.
 """
 import argparse
 import sys

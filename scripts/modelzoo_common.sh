@@ -43,7 +43,7 @@ run_faceid_train() {
     echo "Device ${ASCEND_DEVICE_ID} (RANK_SIZE=${RANK_SIZE}), ${mode} run, log: ${log_file}"
     local start_time end_time status
     start_time=$(date +%s)
-    "${python_bin}" -m faceid_keras.cli train --data_path "${data_path}" --model_dir "${output_path}" \
+    "${python_bin}" "${script_dir}/faceid" train --data_path "${data_path}" --model_dir "${output_path}" \
         --batch_size "${batch_size}" "$@" "${extra_args[@]}" 2>&1 | tee "${log_file}"
     status=${PIPESTATUS[0]}
     end_time=$(date +%s)

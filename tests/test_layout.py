@@ -1,7 +1,8 @@
-"""The package layout rules: no import cycle among our modules, and importing the library leaves the
-process environment alone."""
+"""The package layout rules: no import cycle among our modules; importing the library leaves the
+process environment alone, and the `faceid` command sets TensorFlow's flags before importing it."""
 import ast
 import pathlib
+import sys
 
 from helpers import REPO, run_code
 
@@ -91,3 +92,23 @@ def test_importing_the_library_leaves_the_environment_alone():
         cwd=REPO,
     )
     assert "changed: []" in out
+
+
+def test_the_faceid_command_sets_tensorflow_flags_first_and_keeps_exported_ones(tmp_path):
+    out = run_code(
+        f"""
+        import os, runpy, sys
+        os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+        sys.argv = ["faceid", "--help"]
+        try:
+            runpy.run_path({str(REPO / "scripts" / "faceid")!r}, run_name="__main__")
+        except SystemExit as stop:
+            assert stop.code == 0, stop.code
+        print("flags:", os.environ["TF_ENABLE_ONEDNN_OPTS"], os.environ["TF_CPP_MIN_LOG_LEVEL"])
+        """,
+        cwd=tmp_path,
+    )
+    assert "usage: faceid" in out and "flags: 1 1" in out
+    installed = pathlib.Path(sys.executable).parent / "faceid"  # where pip installs scripts
+    assert installed.is_file() and "TF_ENABLE_ONEDNN_OPTS" in installed.read_text(), installed
