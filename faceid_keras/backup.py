@@ -4,10 +4,9 @@ Keras's `BackupAndRestore` (3.15) restores the weights, the optimizer and the ep
 interrupted epoch from its first batch (the saved batch index is never read), so a resumed run takes
 more steps than an uninterrupted one; and until the first epoch of a resumed run ends, its
 mid-epoch backups record epoch 0. `TrainingBackup` keeps the position as a count of batches trained
-(`step`, read from its `GlobalStep`), so the caller can skip exactly the batches already done,
-and writes every backup
-atomically: a new weights file, then a `state.json` pointer to it swapped in with `os.replace`,
-so a kill at any moment leaves the previous complete backup in place.
+(`step`, read from its `GlobalStep`), so the caller can skip exactly the batches already done, and
+writes every backup atomically: a new weights file, then a `state.json` pointer to it swapped in
+with `os.replace`, so a kill at any moment leaves the previous complete backup in place.
 
 With several workers (MultiWorkerMirroredStrategy) every worker keeps a `TrainingBackup` over the
 same folder on a shared filesystem, but only the chief's (`chief=True`) writes or deletes it; the
